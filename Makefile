@@ -1,0 +1,41 @@
+# Two commands on a fresh machine: `make repro` and `make test`.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: install repro test test-fast lint format lock clean-venv
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
+	$(BIN)/python -c "import onnxruntime, torch, great_expectations; print('installed: torch', torch.__version__, '| onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers())"
+	touch $@
+
+repro: install
+	dvc repro
+
+test: install
+	pytest
+
+test-fast: install
+	pytest -m "not slow"
+
+lint: install
+	ruff check src pipeline tests
+	ruff format --check src pipeline tests
+
+format: install
+	ruff check --fix src pipeline tests
+	ruff format src pipeline tests
+
+lock: install
+	( head -n 2 requirements.lock; $(BIN)/python -m pip freeze --exclude-editable | grep -v '^synermix' ) > requirements.lock.new
+	mv requirements.lock.new requirements.lock
+
+clean-venv:
+	rm -rf $(VENV)

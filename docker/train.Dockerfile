@@ -1,0 +1,21 @@
+# Training image: runs the pipeline (`dvc repro`) on the project checked out in the build context.
+# The pinned torch wheel is a CUDA build: the same image trains on CPU, or on a GPU with
+# `docker run --gpus all` on a host with the NVIDIA container toolkit.
+#   docker build -f docker/train.Dockerfile -t synermix-train .
+#   docker run --rm -v "$PWD:/workspace" synermix-train
+FROM python:3.11-slim-bookworm
+
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends git make \
+ && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /workspace
+# Dependencies first, so code edits do not reinstall them.
+COPY pyproject.toml requirements.lock README.md ./
+COPY src ./src
+RUN pip install --no-cache-dir -c requirements.lock -e . \
+ && git config --global --add safe.directory /workspace
+
+# The rest of the project (dvc.yaml, params.yaml, pipeline/, .dvc/, .git/).
+COPY . .
+CMD ["dvc", "repro"]

@@ -1,0 +1,16 @@
+"""DVC stage `validate`: Great Expectations on the manifest -> reports + quarantine list."""
+
+from synermix.cli import setup_logging
+from synermix.config import load_params
+from synermix.errors import exit_on_user_error
+from synermix.stages import run_validate
+
+
+@exit_on_user_error
+def main() -> None:
+    setup_logging()
+    run_validate(load_params("params.yaml"))
+
+
+if __name__ == "__main__":
+    main()

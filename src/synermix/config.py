@@ -1,0 +1,248 @@
+"""Typed params: ``params.yaml`` loaded once into frozen, validated objects.
+
+Every key is declared here with its type and allowed range. An unknown key, a wrong
+type or an out-of-range value stops with one line per problem that names the key, the
+value and what is allowed (see :func:`load_params`). Configuration has one home: no
+stage reads ``params.yaml`` any other way.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from synermix.errors import UserError
+
+Severity = Literal["error", "warning", "off"]
+
+#: Source kinds accepted by ``data.source``.
+SOURCE_KINDS = ("elpv", "folder", "fashion-mnist")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """``data.source`` parsed: ``elpv``, ``folder:<path>`` or ``fashion-mnist[:<dir>]``."""
+
+    kind: str
+    path: Path | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> SourceSpec:
+        kind, sep, rest = text.partition(":")
+        kind = kind.strip()
+        if kind == "elpv" and not sep:
+            return cls("elpv")
+        if kind == "fashion-mnist":
+            return cls("fashion-mnist", Path(rest) if rest else None)
+        if kind == "folder":
+            if not rest.strip():
+                raise ValueError("folder source needs a path: 'folder:<path to class folders>'")
+            return cls("folder", Path(rest.strip()))
+        raise ValueError(
+            "must be 'elpv', 'folder:<path>' or 'fashion-mnist' (optionally 'fashion-mnist:<dir>')"
+        )
+
+
+class SplitRatios(_Section):
+    """Fractions of each class that go to train, val and test (they sum to 1)."""
+
+    train: Annotated[float, Field(gt=0, lt=1)] = 0.7
+    val: Annotated[float, Field(gt=0, lt=1)] = 0.15
+    test: Annotated[float, Field(gt=0, lt=1)] = 0.15
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> SplitRatios:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must sum to 1, got {total:g}")
+        return self
+
+    def as_dict(self) -> dict[str, float]:
+        return {"train": self.train, "val": self.val, "test": self.test}
+
+
+class DataParams(_Section):
+    source: str = "elpv"
+    classes: list[str] = Field(default_factory=list)
+    image_size: Annotated[int, Field(ge=8, le=8192)] | None = None
+    max_per_class: Annotated[int, Field(ge=1)] | None = None
+    max_pixels: Annotated[int, Field(ge=64, le=1_000_000_000)] = 40_000_000
+    split: SplitRatios = Field(default_factory=SplitRatios)
+
+    @field_validator("source")
+    @classmethod
+    def _check_source(cls, value: str) -> str:
+        SourceSpec.parse(value)
+        return value
+
+    @field_validator("classes")
+    @classmethod
+    def _check_classes(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not name.strip() or "/" in name or "\\" in name or name.startswith("."):
+                raise ValueError(f"class name {name!r} must be a plain folder name")
+        dupes = sorted({n for n in value if value.count(n) > 1})
+        if dupes:
+            raise ValueError(f"class names must be unique, repeated: {', '.join(dupes)}")
+        return value
+
+    @property
+    def source_spec(self) -> SourceSpec:
+        return SourceSpec.parse(self.source)
+
+
+class Rule(_Section):
+    severity: Severity = "error"
+
+
+class AllowedModesRule(Rule):
+    modes: list[str] = Field(default_factory=lambda: ["L", "RGB"], min_length=1)
+
+
+class SizeLimitsRule(Rule):
+    min_side: Annotated[int, Field(ge=1)] = 16
+    max_side: Annotated[int, Field(ge=1)] = 20_000
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SizeLimitsRule:
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side ({self.min_side}) must be <= max_side ({self.max_side})")
+        return self
+
+
+class ExposureRule(Rule):
+    """Blank or saturated frames: mean grey level in [min_mean, max_mean], std >= min_std."""
+
+    min_mean: Annotated[float, Field(ge=0, le=255)] = 5.0
+    max_mean: Annotated[float, Field(ge=0, le=255)] = 250.0
+    min_std: Annotated[float, Field(ge=0, le=128)] = 2.0
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ExposureRule:
+        if self.min_mean >= self.max_mean:
+            raise ValueError(f"min_mean ({self.min_mean}) must be < max_mean ({self.max_mean})")
+        return self
+
+
+class MinPerClassRule(Rule):
+    """Minimum number of images of every class in each split."""
+
+    train: Annotated[int, Field(ge=0)] = 10
+    val: Annotated[int, Field(ge=0)] = 2
+    test: Annotated[int, Field(ge=0)] = 2
+
+
+class ClassImbalanceRule(Rule):
+    severity: Severity = "warning"
+    max_ratio: Annotated[float, Field(ge=1)] = 20.0
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class DuplicatesRule(Rule):
+    severity: Severity = "warning"
+
+
+class ValidationRules(_Section):
+    decodable: Rule = Field(default_factory=Rule)
+    allowed_modes: AllowedModesRule = Field(default_factory=AllowedModesRule)
+    size_limits: SizeLimitsRule = Field(default_factory=SizeLimitsRule)
+    exposure: ExposureRule = Field(default_factory=ExposureRule)
+    declared_labels: Rule = Field(default_factory=Rule)
+    min_per_class: MinPerClassRule = Field(default_factory=MinPerClassRule)
+    class_imbalance: ClassImbalanceRule = Field(default_factory=ClassImbalanceRule)
+    split_leakage: Rule = Field(default_factory=Rule)
+    conflicting_labels: Rule = Field(default_factory=Rule)
+    duplicates: DuplicatesRule = Field(default_factory=DuplicatesRule)
+
+
+class ValidateParams(_Section):
+    on_bad_images: Literal["fail", "quarantine"] = "fail"
+    max_quarantined_fraction: Annotated[float, Field(ge=0, le=1)] = 0.05
+    max_listed_files: Annotated[int, Field(ge=1, le=10_000)] = 20
+    rules: ValidationRules = Field(default_factory=ValidationRules)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class Params(_Section):
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 123
+    data: DataParams = Field(default_factory=DataParams)
+    validate_: ValidateParams = Field(default_factory=ValidateParams, alias="validate")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
+
+    @property
+    def validate_params(self) -> ValidateParams:
+        return self.validate_
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Walk ``loc`` (without its last element) through nested models to list valid keys."""
+    current: Any = model
+    for part in loc[:-1]:
+        field = next((f for name, f in current.model_fields.items() if (f.alias or name) == part), None)
+        if field is None or not isinstance(field.annotation, type):
+            return []
+        if not issubclass(field.annotation, BaseModel):
+            return []
+        current = field.annotation
+    return [f.alias or name for name, f in current.model_fields.items()]
+
+
+def _describe(err: dict[str, Any], source: str) -> str:
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    value = err.get("input")
+    if err["type"] == "extra_forbidden":
+        allowed = _allowed_keys(Params, loc)
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return f"{source}: unknown key '{key}': {hint}allowed here: {', '.join(allowed)}"
+    msg = err["msg"].removeprefix("Value error, ")
+    shown = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+    if err["type"] == "missing":
+        return f"{source}: '{key}' is required"
+    return f"{source}: {key} = {shown}: {msg}"
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    """Validate a mapping (already parsed YAML) into :class:`Params`."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: expected a mapping of sections at the top level")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(e, source) for e in exc.errors(include_url=False)]
+        raise UserError("\n".join(lines)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``; a bad file raises :class:`UserError`."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: params file not found; run from the project root") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    return parse_params(raw, str(path))

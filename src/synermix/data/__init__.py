@@ -1,0 +1,1 @@
+"""Data: sources, image inspection, splits, the manifest, and its validation."""

@@ -1,0 +1,241 @@
+"""Image sources: where the photos come from, listed as :class:`SourceItem` records.
+
+A source only *lists* images (cheap) and hands out a reader per image; decoding and
+checking happen in :mod:`synermix.data.prepare`. Three kinds:
+
+* ``elpv``: the ELPV solar-cell electroluminescence images shipped by the PyPI package
+  ``elpv-dataset`` (2,624 grey 300x300 cells; defect probability 0, 1/3, 2/3, 1 mapped
+  to four severity classes; the cell type is kept as a column). Licence CC BY-NC-SA 4.0.
+* ``folder:<path>``: the user's own photos laid out as ``<class>/<image>``.
+* ``fashion-mnist[:<dir>]``: the idx files of Debian's ``dataset-fashion-mnist``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import logging
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from synermix.config import SourceSpec
+from synermix.data.images import IMAGE_EXTENSIONS, encode_png
+from synermix.errors import UserError
+
+log = logging.getLogger(__name__)
+
+#: ELPV defect probability -> class name (ordered from sound to defective).
+ELPV_CLASSES = {
+    0.0: "functional",
+    1 / 3: "possibly_defective",
+    2 / 3: "likely_defective",
+    1.0: "defective",
+}
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = (
+    "tshirt_top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle_boot",
+)
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    """One image of a source: where it is, its label, and how to read its file bytes."""
+
+    source_path: str
+    label: str
+    read: Callable[[], bytes] = field(compare=False, repr=False)
+    extra: dict[str, object] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class SourceListing:
+    items: list[SourceItem]
+    #: Extra manifest columns this source fills, in order.
+    extra_columns: tuple[str, ...] = ()
+    #: Files seen but not taken (unsupported extension), relative paths.
+    skipped: tuple[str, ...] = ()
+    #: Class names in the source's natural order.
+    classes: tuple[str, ...] = ()
+
+
+def list_source(spec: SourceSpec) -> SourceListing:
+    """List the images of ``spec``; a missing or malformed source raises :class:`UserError`."""
+    if spec.kind == "elpv":
+        return list_elpv()
+    if spec.kind == "folder":
+        assert spec.path is not None
+        return list_folder(spec.path)
+    if spec.kind == "fashion-mnist":
+        return list_fashion_mnist(spec.path or FASHION_MNIST_DIR)
+    raise ValueError(f"unknown source kind {spec.kind!r}")
+
+
+def _reader(path: Path) -> Callable[[], bytes]:
+    return path.read_bytes
+
+
+# --------------------------------------------------------------------------- ELPV
+def elpv_class(probability: float) -> str:
+    for value, name in ELPV_CLASSES.items():
+        if abs(probability - value) < 1e-6:
+            return name
+    raise UserError(f"ELPV labels.csv has an unexpected defect probability {probability!r}")
+
+
+def list_elpv() -> SourceListing:
+    spec = importlib.util.find_spec("elpv_dataset")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "data.source 'elpv' needs the package elpv-dataset: run `make install` "
+            "(or `pip install elpv-dataset`)"
+        )
+    root = Path(next(iter(spec.submodule_search_locations))) / "data"
+    labels = root / "labels.csv"
+    if not labels.is_file():
+        raise UserError(f"elpv-dataset is installed but {labels} is missing; reinstall it")
+    items = []
+    for number, line in enumerate(labels.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rel, probability, cell_type = line.split()
+            prob = float(probability)
+        except ValueError:
+            raise UserError(f"{labels}:{number}: expected 'path probability type'") from None
+        items.append(
+            SourceItem(
+                source_path=Path(rel).name,
+                label=elpv_class(prob),
+                read=_reader(root / rel),
+                extra={"defect_probability": round(prob, 4), "cell_type": cell_type},
+            )
+        )
+    return SourceListing(
+        items=items,
+        extra_columns=("defect_probability", "cell_type"),
+        classes=tuple(ELPV_CLASSES.values()),
+    )
+
+
+# --------------------------------------------------------------------------- folder
+def _visible(name: str) -> bool:
+    """Hidden files and folders (.DS_Store, .git, __MACOSX) are not photos."""
+    return not name.startswith(".") and not name.startswith("__")
+
+
+def list_folder(root: Path) -> SourceListing:
+    """List ``root/<class>/<image>`` (images may sit in sub-folders of a class folder)."""
+    fix = "point data.source at a folder laid out as <class>/<image>"
+    if not root.exists():
+        raise UserError(f"data.source folder '{root}' does not exist; {fix}")
+    if not root.is_dir():
+        raise UserError(f"data.source folder '{root}' is a file, not a folder; {fix}")
+    entries = sorted(p for p in root.iterdir() if _visible(p.name))
+    loose = [p.name for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    class_dirs = [p for p in entries if p.is_dir()]
+    if loose:
+        shown = ", ".join(loose[:5]) + (" ..." if len(loose) > 5 else "")
+        raise UserError(
+            f"'{root}' has {len(loose)} image(s) directly inside it ({shown}); every image must "
+            "be in a folder named after its class: move them into <class>/ sub-folders"
+        )
+    if not class_dirs:
+        raise UserError(f"'{root}' has no class folders; {fix}")
+    items: list[SourceItem] = []
+    skipped: list[str] = []
+    empty: list[str] = []
+    for class_dir in class_dirs:
+        files = sorted(
+            p
+            for p in class_dir.rglob("*")
+            if p.is_file() and all(_visible(part) for part in p.relative_to(class_dir).parts)
+        )
+        images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+        skipped += [str(p.relative_to(root)) for p in files if p not in images]
+        if not images:
+            empty.append(class_dir.name)
+        for path in images:
+            items.append(SourceItem(str(path.relative_to(root).as_posix()), class_dir.name, _reader(path)))
+    if empty:
+        raise UserError(
+            f"class folder(s) with no images in '{root}': {', '.join(empty)}; add images "
+            f"({', '.join(IMAGE_EXTENSIONS)}) or remove the folder"
+        )
+    if skipped:
+        log.warning(
+            "skipped %d file(s) that are not images (%s): %s",
+            len(skipped),
+            ", ".join(IMAGE_EXTENSIONS),
+            ", ".join(skipped[:10]),
+        )
+    return SourceListing(items=items, skipped=tuple(skipped), classes=tuple(p.name for p in class_dirs))
+
+
+# --------------------------------------------------------------------------- Fashion-MNIST
+def _idx_file(root: Path, stem: str) -> Path:
+    for candidate in (root / stem, root / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    raise UserError(
+        f"Fashion-MNIST file {stem}[.gz] not found in '{root}'; install the Debian package "
+        "with `apt-get install dataset-fashion-mnist`, or set data.source to "
+        "'fashion-mnist:<folder with the idx files>'"
+    )
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an idx file (optionally gzip-compressed) into an array of uint8."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        data = handle.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise UserError(f"'{path}' is not an idx file of unsigned bytes")
+    ndim = data[3]
+    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    payload = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if payload.size != int(np.prod(dims)):
+        raise UserError(f"'{path}' is truncated: expected {int(np.prod(dims))} values, found {payload.size}")
+    return payload.reshape(dims)
+
+
+def list_fashion_mnist(root: Path) -> SourceListing:
+    if not root.is_dir():
+        raise UserError(
+            f"Fashion-MNIST folder '{root}' does not exist; install it with "
+            "`apt-get install dataset-fashion-mnist` or set data.source to 'fashion-mnist:<dir>'"
+        )
+    items = []
+    for part, prefix in (("train", "train"), ("test", "t10k")):
+        images = read_idx(_idx_file(root, f"{prefix}-images-idx3-ubyte"))
+        labels = read_idx(_idx_file(root, f"{prefix}-labels-idx1-ubyte"))
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise UserError(f"Fashion-MNIST {part} files in '{root}' do not match each other")
+        if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):
+            raise UserError(f"Fashion-MNIST {part} labels in '{root}' go past 9")
+        for index, (pixels, label) in enumerate(zip(images, labels, strict=True)):
+            items.append(
+                SourceItem(
+                    source_path=f"{part}/{index:05d}",
+                    label=FASHION_MNIST_CLASSES[int(label)],
+                    read=lambda p=pixels: encode_png(Image.fromarray(p)),
+                    extra={"source_set": part, "source_index": index},
+                )
+            )
+    return SourceListing(
+        items=items, extra_columns=("source_set", "source_index"), classes=FASHION_MNIST_CLASSES
+    )

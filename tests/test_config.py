@@ -1,0 +1,115 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from synermix.config import Params, SourceSpec, load_params, parse_params
+from synermix.errors import UserError
+
+from .conftest import REPO_ROOT
+
+
+def test_project_params_file_is_valid_and_matches_defaults():
+    params = load_params(REPO_ROOT / "params.yaml")
+    assert params == Params()  # params.yaml spells out the documented defaults
+    assert params.data.source_spec == SourceSpec("elpv")
+
+
+def error_of(raw) -> str:
+    with pytest.raises(UserError) as info:
+        parse_params(raw)
+    return str(info.value)
+
+
+def test_typo_in_key_is_one_line_with_suggestion():
+    message = error_of({"data": {"sourc": "elpv"}})
+    assert message.count("\n") == 0
+    assert "unknown key 'data.sourc'" in message
+    assert "did you mean 'source'" in message
+
+
+def test_typo_in_nested_rule_key():
+    message = error_of({"validate": {"rules": {"exposure": {"min_mea": 3}}}})
+    assert "validate.rules.exposure.min_mea" in message and "min_mean" in message
+
+
+@pytest.mark.parametrize(
+    ("raw", "key", "fragment"),
+    [
+        ({"seed": -1}, "seed = -1", "greater than or equal to 0"),
+        ({"seed": "abc"}, "seed = abc", "integer"),
+        ({"seed": True}, "seed = true", "integer"),
+        ({"data": {"image_size": 4}}, "data.image_size = 4", "greater than or equal to 8"),
+        ({"data": {"max_per_class": 1.5}}, "data.max_per_class = 1.5", "integer"),
+        ({"data": {"source": "s3://bucket"}}, "data.source", "must be 'elpv', 'folder:<path>'"),
+        ({"data": {"source": "folder:"}}, "data.source", "needs a path"),
+        ({"data": {"split": {"train": 0.5, "val": 0.1, "test": 0.1}}}, "data.split", "sum to 1"),
+        ({"data": {"classes": ["a", "a"]}}, "data.classes", "unique"),
+        (
+            {"validate": {"on_bad_images": "delete"}},
+            "validate.on_bad_images = delete",
+            "'fail' or 'quarantine'",
+        ),
+        (
+            {"validate": {"rules": {"decodable": {"severity": "fatal"}}}},
+            "severity = fatal",
+            "'error', 'warning'",
+        ),
+        ({"validate": {"rules": {"size_limits": {"min_side": 50, "max_side": 10}}}}, "size_limits", "<="),
+        ({"validate": {"rules": {"exposure": {"min_mean": 200, "max_mean": 100}}}}, "exposure", "<"),
+    ],
+)
+def test_bad_values_name_key_value_and_what_is_allowed(raw, key, fragment):
+    message = error_of(raw)
+    assert message.startswith("params.yaml: ")
+    assert key in message
+    assert fragment in message
+
+
+def test_top_level_must_be_a_mapping():
+    assert "mapping" in error_of(["seed", 1])
+
+
+def test_source_spec_parsing():
+    assert SourceSpec.parse("folder:photos/line3") == SourceSpec("folder", Path("photos/line3"))
+    assert SourceSpec.parse("fashion-mnist").path is None
+    assert str(SourceSpec.parse("fashion-mnist:/x").path) == "/x"
+
+
+def test_load_params_reports_yaml_syntax_and_missing_file(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("seed: [1,\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_params(bad)
+    with pytest.raises(UserError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_cli_exits_2_with_one_line_on_a_typo(tmp_path):
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["validate"]["on_bad_image"] = params["validate"].pop("on_bad_images")
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    proc = subprocess.run(
+        [sys.executable, "-m", "synermix.cli", "--params", str(path), "params"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "unknown key 'validate.on_bad_image'" in lines[0]
+    assert "did you mean 'on_bad_images'" in lines[0]
+
+
+def test_cli_params_prints_resolved_values():
+    proc = subprocess.run(
+        [sys.executable, "-m", "synermix.cli", "--params", str(REPO_ROOT / "params.yaml"), "params"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    printed = yaml.safe_load(proc.stdout)
+    assert printed["seed"] == 123 and printed["validate"]["on_bad_images"] == "fail"
