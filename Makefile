@@ -26,12 +26,12 @@ test-fast: install
 	pytest -m "not slow"
 
 lint: install
-	ruff check src pipeline tests
-	ruff format --check src pipeline tests
+	ruff check src pipeline tests bench
+	ruff format --check src pipeline tests bench
 
 format: install
-	ruff check --fix src pipeline tests
-	ruff format src pipeline tests
+	ruff check --fix src pipeline tests bench
+	ruff format src pipeline tests bench
 
 lock: install
 	( head -n 2 requirements.lock; $(BIN)/python -m pip freeze --exclude-editable | grep -v '^synermix' ) > requirements.lock.new

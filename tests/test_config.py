@@ -59,6 +59,13 @@ def test_typo_in_nested_rule_key():
         ),
         ({"validate": {"rules": {"size_limits": {"min_side": 50, "max_side": 10}}}}, "size_limits", "<="),
         ({"validate": {"rules": {"exposure": {"min_mean": 200, "max_mean": 100}}}}, "exposure", "<"),
+        ({"train": {"arch": "vgg16"}}, "train.arch = vgg16", "'resnet18'"),
+        ({"train": {"method": "cutmix"}}, "train.method = cutmix", "'synermix'"),
+        ({"train": {"beta": 1.5}}, "train.beta = 1.5", "less than or equal to 1"),
+        ({"train": {"epochs": 2, "warmup_epochs": 3}}, "train", "warmup_epochs (3.0) must be <= epochs (2)"),
+        ({"train": {"batch_size": 1}}, "train.batch_size = 1", "greater than or equal to 2"),
+        ({"train": {"channels": 2}}, "train.channels = 2", "'auto', 1 or 3"),
+        ({"mlflow": {"tracking_uri": "file:./mlruns"}}, "mlflow.tracking_uri", "file store is not supported"),
     ],
 )
 def test_bad_values_name_key_value_and_what_is_allowed(raw, key, fragment):
@@ -113,3 +120,8 @@ def test_cli_params_prints_resolved_values():
     )
     printed = yaml.safe_load(proc.stdout)
     assert printed["seed"] == 123 and printed["validate"]["on_bad_images"] == "fail"
+
+
+def test_yaml_style_exponent_is_read_as_a_number():
+    # PyYAML reads 5e-4 (no dot) as a string; the train section accepts it as the number it means
+    assert parse_params({"train": {"weight_decay": "5e-4"}}).train.weight_decay == 5e-4

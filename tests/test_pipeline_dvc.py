@@ -97,30 +97,45 @@ def ran(output: str) -> set[str]:
 @pytest.mark.slow
 def test_dvc_repro_on_real_elpv_subset(project):
     repo, env = project
-    set_params(repo, data__max_per_class=15, data__image_size=64)
+    set_params(
+        repo,
+        data__max_per_class=15,
+        data__image_size=64,
+        train__epochs=2,
+        train__image_size=32,
+        train__batch_size=16,
+    )
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "init"], repo, env)
 
     first = run([str(DVC), "repro"], repo, env)
-    assert ran(first.stdout) == {"prepare", "validate"}
+    assert ran(first.stdout) == {"prepare", "validate", "train"}
     manifest = (repo / "data/prepared/manifest.csv").read_text().splitlines()
     assert len(manifest) == 1 + 60 and "cell_type" in manifest[0]
     assert (repo / "reports/validation.md").read_text().startswith("# Data validation report")
     assert (repo / "dvc.lock").is_file()
+    assert (repo / "models/model/weights.pt").is_file() and (repo / "mlflow.db").is_file()
+    assert json.loads((repo / "reports/train.json").read_text())["epochs"] == 2
+    plots = run([str(DVC), "plots", "show", "--json"], repo, env).stdout
+    assert "reports/train_history.csv" in plots
 
     again = run([str(DVC), "repro"], repo, env)
     assert ran(again.stdout) == set() and "Data and pipelines are up to date" in again.stdout
 
+    # validate's outputs do not change, so training is not redone
     set_params(repo, validate__rules__exposure__min_std=1.5)
     only_validate = run([str(DVC), "repro"], repo, env)
     assert ran(only_validate.stdout) == {"validate"}
 
+    set_params(repo, train__lr=0.02)
+    assert ran(run([str(DVC), "repro"], repo, env).stdout) == {"train"}
+
     # resizing rewrites the images but not the manifest, so validate has nothing new to check
     set_params(repo, data__image_size=48)
-    assert ran(run([str(DVC), "repro"], repo, env).stdout) == {"prepare"}
+    assert ran(run([str(DVC), "repro"], repo, env).stdout) == {"prepare", "train"}
 
     set_params(repo, data__max_per_class=14)
-    assert ran(run([str(DVC), "repro"], repo, env).stdout) == {"prepare", "validate"}
+    assert ran(run([str(DVC), "repro"], repo, env).stdout) == {"prepare", "validate", "train"}
     metrics = json.loads(run([str(DVC), "metrics", "show", "--json"], repo, env).stdout)
     prepared = metrics[""]["data"]["reports/prepare.json"]["data"]
     assert prepared["images"] == 56 and prepared["classes"] == 4

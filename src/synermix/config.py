@@ -178,10 +178,84 @@ class ValidateParams(_Section):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
 
 
+class AugmentParams(_Section):
+    """The augmented (inter-class) view. The eval view is never augmented."""
+
+    hflip: bool = True
+    vflip: bool = True
+    rotate90: bool = True
+    crop_scale: Annotated[float, Field(gt=0.1, le=1.0)] = 0.85
+    brightness: Annotated[float, Field(ge=0, le=1)] = 0.2
+    contrast: Annotated[float, Field(ge=0, le=1)] = 0.2
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class TrainParams(_Section):
+    method: Literal["erm", "mixup", "manifold_mixup", "synermix_intra", "synermix"] = "synermix"
+    inter_method: Literal["mixup", "manifold_mixup"] = "mixup"
+    beta: Annotated[float, Field(ge=0, le=1)] = 0.1
+    mixup_alpha: Annotated[float, Field(gt=0, le=100)] = 1.0
+    arch: Literal[
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        "mobilenet_v3_small",
+        "mobilenet_v3_large",
+        "efficientnet_b0",
+        "convnext_tiny",
+    ] = "resnet18"
+    small_input_stem: bool = False
+    image_size: Annotated[int, Field(ge=16, le=1024)] = 64
+    channels: Literal["auto", 1, 3] = "auto"
+    epochs: Annotated[int, Field(ge=1, le=10_000)] = 12
+    batch_size: Annotated[int, Field(ge=2, le=8192)] = 64
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: Annotated[float, Field(gt=0, le=10)] = 0.05
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    weight_decay: Annotated[float, Field(ge=0, le=1)] = 5e-4
+    schedule: Literal["cosine", "step"] = "cosine"
+    step_size: Annotated[int, Field(ge=1)] = 10
+    gamma: Annotated[float, Field(gt=0, le=1)] = 0.5
+    warmup_epochs: Annotated[float, Field(ge=0)] = 1.0
+    augment: AugmentParams = Field(default_factory=AugmentParams)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    compile: bool = False
+    num_workers: Annotated[int, Field(ge=0, le=64)] = 0
+    cache_images: bool = True
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+    @model_validator(mode="after")
+    def _warmup_within_epochs(self) -> TrainParams:
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be <= epochs ({self.epochs})")
+        return self
+
+
+class MlflowParams(_Section):
+    #: Overridden by the MLFLOW_TRACKING_URI environment variable when set.
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "synermix"
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_file_store(cls, value: str) -> str:
+        if value.startswith("file:") or "://" not in value:
+            raise ValueError(
+                "MLflow's file store is not supported; use sqlite:///<file>.db or an http(s):// server"
+            )
+        return value
+
+
 class Params(_Section):
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 123
     data: DataParams = Field(default_factory=DataParams)
     validate_: ValidateParams = Field(default_factory=ValidateParams, alias="validate")
+    train: TrainParams = Field(default_factory=TrainParams)
+    mlflow: MlflowParams = Field(default_factory=MlflowParams)
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
 

@@ -26,6 +26,11 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 _GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 
+def is_grey_mode(mode: str) -> bool:
+    """Whether a source image of this Pillow mode becomes grey-level (``L``) in prepare."""
+    return mode in _GREY_MODES
+
+
 @dataclass(frozen=True)
 class ImageInfo:
     """What the manifest records about one source image."""

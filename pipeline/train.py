@@ -1,0 +1,16 @@
+"""DVC stage `train`: SynerMix training on the usable train split -> models/model + reports."""
+
+from synermix.cli import setup_logging
+from synermix.config import load_params
+from synermix.errors import exit_on_user_error
+from synermix.stages import run_train
+
+
+@exit_on_user_error
+def main() -> None:
+    setup_logging()
+    run_train(load_params("params.yaml"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Preprocessing (the production one, shared with export and inference) and training views.
+
+Production preprocessing, recorded next to every model so a model file is
+self-describing: decode -> grey (``channels=1``) or RGB (``channels=3``) -> resize so the
+shorter side is ``image_size`` (bilinear, antialiased) -> centre crop ``image_size`` ->
+scale to [0, 1] -> ``(x - mean) / std`` per channel.
+
+Training gives two views of each image (see SYNERMIX.md): the un-augmented *eval* view
+for the intra-class pass and an *augmented* view for the inter-class pass. The default
+augmentations suit inspection images whose label does not depend on orientation:
+flips, 90-degree rotations, a mild random crop, brightness and contrast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+RESIZE_POLICY = "shorter_side_bilinear_center_crop"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    image_size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resize: str = RESIZE_POLICY
+
+    def to_dict(self) -> dict:
+        """JSON-ready (lists, not tuples), as stored in model.json and ONNX metadata."""
+        data = asdict(self)
+        data["mean"], data["std"] = list(self.mean), list(self.std)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Preprocessing:
+        return cls(
+            image_size=int(data["image_size"]),
+            channels=int(data["channels"]),
+            mean=tuple(float(v) for v in data["mean"]),
+            std=tuple(float(v) for v in data["std"]),
+            resize=str(data.get("resize", RESIZE_POLICY)),
+        )
+
+
+def load_resized(path, image_size: int, channels: int) -> torch.Tensor:
+    """Decode a file to a ``channels x image_size x image_size`` uint8 tensor."""
+    with Image.open(path) as image:
+        image = image.convert("L" if channels == 1 else "RGB")
+        width, height = image.size
+        scale = image_size / min(width, height)
+        size = (max(image_size, round(width * scale)), max(image_size, round(height * scale)))
+        if size != image.size:
+            image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=None)
+        left, top = (size[0] - image_size) // 2, (size[1] - image_size) // 2
+        image = image.crop((left, top, left + image_size, top + image_size))
+        tensor = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return tensor.view(image_size, image_size, channels).permute(2, 0, 1).contiguous()
+
+
+def normalize(x: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
+    """uint8 ``C x H x W`` (or a batch) to the normalised float input of the model."""
+    mean = torch.tensor(pre.mean).view(-1, 1, 1)
+    std = torch.tensor(pre.std).view(-1, 1, 1)
+    return (x.float() / 255.0 - mean) / std
+
+
+class RandomRot90(torch.nn.Module):
+    """Rotate by a random multiple of 90 degrees (labels of inspection cells allow it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = int(torch.randint(4, (1,)))
+        return torch.rot90(x, k, dims=(-2, -1)) if k else x
+
+
+def build_augmentation(image_size: int, augment) -> v2.Compose:
+    """The augmented view from ``train.augment`` params (on uint8 tensors)."""
+    steps: list[torch.nn.Module] = []
+    if augment.crop_scale < 1.0:
+        steps.append(v2.RandomResizedCrop(image_size, scale=(augment.crop_scale, 1.0), ratio=(0.9, 1.1)))
+    if augment.hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    if augment.vflip:
+        steps.append(v2.RandomVerticalFlip())
+    if augment.rotate90:
+        steps.append(RandomRot90())
+    if augment.brightness > 0 or augment.contrast > 0:
+        steps.append(v2.ColorJitter(brightness=augment.brightness, contrast=augment.contrast))
+    return v2.Compose(steps)

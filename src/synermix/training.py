@@ -1,0 +1,267 @@
+"""One SynerMix training run, from manifest rows to a trained model (no MLflow/DVC here).
+
+:func:`train_model` wires the data (two views, the class-pair batch sampler), the model,
+the loss, the optimiser and schedule, and runs the epochs with a checkpoint after each
+one. When a checkpoint from the same configuration and data exists it resumes from it;
+a checkpoint from anything else is ignored. Trained weights are saved as a plain
+``state_dict`` (loadable with ``weights_only=True``) beside ``model.json``, which holds
+the architecture, class names and preprocessing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from synermix.config import TrainParams
+from synermix.data.datasets import InspectionImages, channel_stats, infer_channels
+from synermix.data.samplers import ClassPairBatchSampler
+from synermix.data.transforms import Preprocessing, build_augmentation
+from synermix.engine import (
+    build_optimizer,
+    build_scheduler,
+    evaluate,
+    load_checkpoint,
+    save_checkpoint,
+    select_device,
+    train_one_epoch,
+)
+from synermix.mixup import MixRandom, SynerMixLoss
+from synermix.models import SplitNet, build_model
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "weights.pt"
+META_NAME = "model.json"
+
+
+@dataclass
+class TrainingResult:
+    model: SplitNet
+    class_names: list[str]
+    preprocessing: Preprocessing
+    history: list[dict[str, Any]]
+    resumed_from_epoch: int
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.history[-1]
+
+
+def run_fingerprint(params: TrainParams, seed: int, class_names: Sequence[str], *frames: pd.DataFrame) -> str:
+    """Hash of everything that determines a run: a checkpoint resumes only on a match."""
+    digest = hashlib.sha256()
+    digest.update(
+        json.dumps([params.model_dump(mode="json"), seed, list(class_names)], sort_keys=True).encode()
+    )
+    for frame in frames:
+        digest.update(
+            "\n".join(frame["path"] + ":" + frame["content_sha256"] + ":" + frame["label"]).encode()
+        )
+    return digest.hexdigest()
+
+
+def _rng_state(sampler, loader_generator, mix_rng) -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "sampler": sampler.state_dict(),
+        "loader": loader_generator.get_state(),
+        "mix": mix_rng.state_dict(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state, sampler, loader_generator, mix_rng) -> None:
+    torch.set_rng_state(state["torch"])
+    sampler.load_state_dict(state["sampler"])
+    loader_generator.set_state(state["loader"])
+    mix_rng.load_state_dict(state["mix"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train_model(
+    train_rows: pd.DataFrame,
+    val_rows: pd.DataFrame,
+    image_root: Path,
+    class_names: Sequence[str],
+    params: TrainParams,
+    seed: int,
+    checkpoint_path: Path | None = None,
+    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainingResult:
+    """Train with ``params`` on ``train_rows``, validating on ``val_rows`` after every epoch."""
+    torch.manual_seed(seed)
+    setup = select_device(params.device, params.amp, params.channels_last)
+    channels = infer_channels(train_rows) if params.channels == "auto" else int(params.channels)
+    augmentation = build_augmentation(params.image_size, params.augment)
+    common = {"image_size": params.image_size, "channels": channels, "cache": params.cache_images}
+    train_set = InspectionImages(
+        train_rows,
+        image_root,
+        class_names,
+        None,
+        augmentation=augmentation,
+        two_views=True,
+        desc="load train",
+        **common,
+    )
+    val_set = InspectionImages(val_rows, image_root, class_names, None, desc="load val", **common)
+    stats_images = train_set.cache or [train_set.raw(i) for i in range(min(len(train_set), 2000))]
+    mean, std = channel_stats(stats_images)
+    pre = Preprocessing(image_size=params.image_size, channels=channels, mean=mean, std=std)
+    train_set.pre = val_set.pre = pre
+
+    sampler = ClassPairBatchSampler(train_set.labels, params.batch_size, seed)
+    loader_generator = torch.Generator().manual_seed(seed + 1)
+    pin = setup.device.type == "cuda"
+    train_loader = DataLoader(
+        train_set,
+        batch_sampler=sampler,
+        num_workers=params.num_workers,
+        generator=loader_generator,
+        pin_memory=pin,
+    )
+    val_loader = DataLoader(
+        val_set, batch_size=max(64, params.batch_size), num_workers=params.num_workers, pin_memory=pin
+    )
+
+    num_classes = len(class_names)
+    model = build_model(params.arch, num_classes, channels, params.small_input_stem).to(setup.device)
+    if setup.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, params.optimizer, params.lr, params.momentum, params.weight_decay)
+    scheduler = build_scheduler(
+        optimizer,
+        len(train_loader),
+        params.epochs,
+        params.schedule,
+        params.warmup_epochs,
+        params.step_size,
+        params.gamma,
+    )
+    scaler = torch.amp.GradScaler("cuda") if setup.amp_dtype == torch.float16 else None
+    mix_rng = MixRandom(seed)
+    criterion = SynerMixLoss(
+        params.method, num_classes, mix_rng, params.beta, params.mixup_alpha, params.inter_method
+    )
+    if params.compile:
+        # One graph per (start, stop) of the stage chain: whole network, and the two
+        # halves around each manifold-mixup point. state_dict keys stay unchanged.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+        model.run_stages = torch.compile(model.run_stages)
+
+    fingerprint = run_fingerprint(params, seed, class_names, train_rows, val_rows)
+    history: list[dict[str, Any]] = []
+    start = 0
+    checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path else None
+    if checkpoint is not None and checkpoint.get("fingerprint") == fingerprint:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        if scaler is not None and checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+        _restore_rng(checkpoint["rng"], sampler, loader_generator, mix_rng)
+        start, history = int(checkpoint["epoch"]), list(checkpoint["history"])
+        log.info("resuming from %s after epoch %d of %d", checkpoint_path, start, params.epochs)
+        for row in history:
+            if on_epoch_end:
+                on_epoch_end(row)
+    elif checkpoint is not None:
+        log.info("checkpoint %s is from another configuration or data; starting afresh", checkpoint_path)
+
+    log.info(
+        "training %s (%s, beta=%g) on %d images, validating on %d; %d classes, %d px, %d channel(s)",
+        params.arch,
+        params.method,
+        criterion.beta,
+        len(train_set),
+        len(val_set),
+        num_classes,
+        params.image_size,
+        channels,
+    )
+    for epoch in range(start, params.epochs):
+        stats = train_one_epoch(model, criterion, optimizer, scheduler, train_loader, setup, epoch, scaler)
+        val = evaluate(model, val_loader, setup, num_classes)
+        row = {
+            "epoch": epoch + 1,
+            **stats,
+            "val_loss": val["loss"],
+            "val_accuracy": val["accuracy"],
+            "val_macro_recall": val["macro_recall"],
+            **{f"val_recall_{name}": r for name, r in zip(class_names, val["per_class_recall"], strict=True)},
+        }
+        history.append(row)
+        log.info(
+            "epoch %d/%d: train loss %.4f, val loss %.4f, val accuracy %.4f, macro recall %.4f, %.0f img/s",
+            epoch + 1,
+            params.epochs,
+            row["train_loss"],
+            row["val_loss"],
+            row["val_accuracy"],
+            row["val_macro_recall"],
+            row["images_per_s"],
+        )
+        if checkpoint_path:
+            save_checkpoint(
+                checkpoint_path,
+                {
+                    "fingerprint": fingerprint,
+                    "epoch": epoch + 1,
+                    "history": history,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "rng": _rng_state(sampler, loader_generator, mix_rng),
+                },
+            )
+        if on_epoch_end:
+            on_epoch_end(row)
+    return TrainingResult(model, list(class_names), pre, history, start)
+
+
+def save_trained_model(
+    result: TrainingResult, params: TrainParams, out_dir: Path, extra: dict[str, Any]
+) -> dict:
+    """Write ``weights.pt`` (a CPU state_dict) and ``model.json``; return the metadata."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
+    torch.save(state, out_dir / WEIGHTS_NAME)
+    meta = {
+        "arch": params.arch,
+        "num_classes": len(result.class_names),
+        "class_names": result.class_names,
+        "in_channels": result.preprocessing.channels,
+        "small_input_stem": params.small_input_stem,
+        "preprocessing": result.preprocessing.to_dict(),
+        "method": params.method,
+        "beta": params.beta if params.method in ("synermix", "synermix_intra") else 0.0,
+        "inter_method": params.inter_method,
+        "epochs": params.epochs,
+        "weights_sha256": hashlib.sha256((out_dir / WEIGHTS_NAME).read_bytes()).hexdigest(),
+        "torch_version": torch.__version__,
+        **extra,
+    }
+    (out_dir / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def load_trained_model(model_dir: Path) -> tuple[SplitNet, dict[str, Any]]:
+    """Rebuild a model saved by :func:`save_trained_model` (weights loaded with ``weights_only=True``)."""
+    meta = json.loads((model_dir / META_NAME).read_text())
+    model = build_model(meta["arch"], meta["num_classes"], meta["in_channels"], meta["small_input_stem"])
+    model.load_state_dict(torch.load(model_dir / WEIGHTS_NAME, map_location="cpu", weights_only=True))
+    return model.eval(), meta

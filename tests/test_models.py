@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+from synermix.models import ARCHITECTURES, build_model
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_every_architecture_splits_into_features_and_classifier(arch):
+    torch.manual_seed(0)
+    for in_channels, small in ((1, False), (3, True)):
+        model = build_model(arch, 5, in_channels, small_input_stem=small).eval()
+        x = torch.randn(2, in_channels, 32, 32)
+        with torch.no_grad():
+            features = model.features(x)
+            logits = model(x)
+            assert features.shape == (2, model.feature_dim)
+            torch.testing.assert_close(model.classifier(features), logits)
+            assert logits.shape == (2, 5)
+            assert model.mix_points[0] == 0 and len(model.mix_points) == 3
+            for point in model.mix_points:
+                assert model.forward_mixed(x, point, 0.5, torch.tensor([1, 0])).shape == (2, 5)
+        assert isinstance(model.classifier, torch.nn.Linear)
+
+
+def test_small_input_stem_keeps_resolution():
+    big = build_model("resnet18", 3, 1, small_input_stem=False)
+    small = build_model("resnet18", 3, 1, small_input_stem=True)
+    x = torch.randn(1, 1, 32, 32)
+    assert big.stages[0](x).shape[-1] == 8  # stride-2 conv + max-pool
+    assert small.stages[0](x).shape[-1] == 32
+    assert small.stages[0][0].kernel_size == (3, 3) and small.stages[0][0].in_channels == 1
+
+
+def test_grey_models_take_one_channel():
+    for arch in ("mobilenet_v3_small", "efficientnet_b0", "convnext_tiny", "resnet50"):
+        model = build_model(arch, 2, in_channels=1)
+        first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        assert first.in_channels == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "match"), [(("vgg16", 3), "unknown architecture"), (("resnet18", 1), "two classes")]
+)
+def test_bad_arguments(args, match):
+    with pytest.raises(ValueError, match=match):
+        build_model(*args)

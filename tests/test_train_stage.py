@@ -1,0 +1,63 @@
+"""The train stage end to end in-process: real MLflow (SQLite) store, real images."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from synermix.errors import CheckFailed
+from synermix.stages import MODEL_DIR, TRAIN_CHECKPOINT, TRAIN_HISTORY, TRAIN_METRICS, run_prepare, run_train
+from synermix.training import load_trained_model
+
+
+@pytest.fixture
+def stage_params(tmp_path, make_dataset, make_params, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is relative to the working folder
+    root = make_dataset({"scratch": 20, "crack": 20, "ok": 20}, mode="RGB")
+    return make_params(
+        data={"source": f"folder:{root}"},
+        train={"image_size": 32, "epochs": 2, "batch_size": 16, "warmup_epochs": 0.5},
+        mlflow={"experiment": "stage-test"},
+    )
+
+
+def test_train_stage_writes_model_reports_and_mlflow_run(tmp_path, stage_params):
+    import mlflow
+
+    run_prepare(stage_params, tmp_path)
+    metrics = run_train(stage_params, tmp_path)
+
+    model, meta = load_trained_model(tmp_path / MODEL_DIR)
+    assert meta["class_names"] == ["crack", "ok", "scratch"] and meta["in_channels"] == 3
+    assert meta["preprocessing"]["image_size"] == 32 and len(meta["preprocessing"]["std"]) == 3
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+    history = pd.read_csv(tmp_path / TRAIN_HISTORY)
+    assert history["epoch"].tolist() == [1, 2]
+    assert {"train_loss", "val_loss", "val_accuracy", "val_macro_recall", "lr", "images_per_s"} <= set(
+        history
+    )
+    saved = json.loads((tmp_path / TRAIN_METRICS).read_text())
+    assert saved == metrics and saved["epochs"] == 2 and 0 <= saved["val_accuracy"] <= 1
+    assert (tmp_path / TRAIN_CHECKPOINT).is_file()
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = mlflow.get_run(meta["mlflow_run_id"])
+    assert run.data.params["train.method"] == "synermix" and run.data.params["train.beta"] == "0.1"
+    assert run.data.tags["weights_sha256"] == meta["weights_sha256"]
+    client = mlflow.MlflowClient()
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert artifacts == {"model/weights.pt", "model/model.json"}
+
+
+def test_train_stage_refuses_a_class_without_training_images(tmp_path, stage_params, make_params):
+    run_prepare(stage_params, tmp_path)
+    params = make_params(
+        data={"source": stage_params.data.source, "classes": ["crack", "ok", "scratch", "dent"]},
+        train={"image_size": 32, "epochs": 1},
+    )
+    with pytest.raises(CheckFailed, match="no training images for class\\(es\\) dent"):
+        run_train(params, tmp_path)

@@ -1,0 +1,124 @@
+"""Training on real ELPV images: it learns, and a killed run resumes to the same result."""
+
+import math
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from synermix.config import SourceSpec, TrainParams
+from synermix.data.prepare import prepare_dataset
+from synermix.training import load_trained_model, save_trained_model, train_model
+
+from .conftest import REPO_ROOT
+from .train_job import TRAIN, rows
+
+TIMING = {"images_per_s", "epoch_seconds"}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    out = tmp_path_factory.mktemp("elpv") / "prepared"
+    prepare_dataset(
+        SourceSpec("elpv"),
+        out,
+        seed=123,
+        split={"train": 0.6, "val": 0.2, "test": 0.2},
+        max_per_class=60,
+        image_size=48,
+    )
+    return out
+
+
+def comparable(history):
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in history]
+
+
+def test_short_run_on_real_images_learns(prepared):
+    train, val = rows(prepared)
+    params = TrainParams(image_size=32, epochs=6, batch_size=16, warmup_epochs=0.5, lr=0.02)
+    result = train_model(train, val, prepared, ["defective", "functional"], params, seed=1)
+    history = result.history
+    assert len(history) == 6 and all(math.isfinite(r["train_loss"]) for r in history)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["val_accuracy"] >= 0.75, history[-1]  # 2 balanced classes: chance is 0.5
+    assert result.preprocessing.channels == 1 and result.preprocessing.image_size == 32
+
+
+def test_same_seed_same_metrics_on_cpu(prepared):
+    train, val = rows(prepared)
+    params = TrainParams(**{**TRAIN, "epochs": 2, "method": "synermix", "inter_method": "manifold_mixup"})
+    a = train_model(train, val, prepared, ["defective", "functional"], params, seed=3)
+    b = train_model(train, val, prepared, ["defective", "functional"], params, seed=3)
+    assert comparable(a.history) == comparable(b.history)
+
+
+def test_kill_and_resume_gives_the_same_result(prepared, tmp_path):
+    train, val = rows(prepared)
+    params = TrainParams(**TRAIN)
+    reference = train_model(
+        train, val, prepared, ["defective", "functional"], params, 7, checkpoint_path=tmp_path / "ref.pt"
+    )
+
+    checkpoint = tmp_path / "killed.pt"
+    job = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "tests" / "train_job.py"), str(prepared), str(checkpoint), "2"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert job.stdout.readline().strip() == "PAUSED"
+    finally:
+        job.send_signal(signal.SIGKILL)
+        job.wait(timeout=30)
+    assert job.returncode == -signal.SIGKILL
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 2
+
+    resumed = train_model(
+        train, val, prepared, ["defective", "functional"], params, 7, checkpoint_path=checkpoint
+    )
+    assert resumed.resumed_from_epoch == 2
+    assert comparable(resumed.history) == comparable(reference.history)
+    for (name, a), (_, b) in zip(
+        resumed.model.state_dict().items(), reference.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_checkpoint_of_another_configuration_is_not_resumed(prepared, tmp_path):
+    train, val = rows(prepared)
+    checkpoint = tmp_path / "last.pt"
+    train_model(
+        train,
+        val,
+        prepared,
+        ["defective", "functional"],
+        TrainParams(**{**TRAIN, "epochs": 1}),
+        7,
+        checkpoint_path=checkpoint,
+    )
+    other = train_model(
+        train,
+        val,
+        prepared,
+        ["defective", "functional"],
+        TrainParams(**{**TRAIN, "epochs": 1, "lr": 0.01}),
+        7,
+        checkpoint_path=checkpoint,
+    )
+    assert other.resumed_from_epoch == 0
+
+
+def test_saved_model_reloads_with_weights_only(prepared, tmp_path):
+    train, val = rows(prepared)
+    params = TrainParams(**{**TRAIN, "epochs": 1})
+    result = train_model(train, val, prepared, ["defective", "functional"], params, 7)
+    meta = save_trained_model(result, params, tmp_path / "model", {"mlflow_run_id": "r1"})
+    model, loaded = load_trained_model(tmp_path / "model")
+    assert loaded == meta and loaded["class_names"] == ["defective", "functional"]
+    assert loaded["preprocessing"]["channels"] == 1 and len(loaded["preprocessing"]["mean"]) == 1
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), result.model.eval()(x))
