@@ -92,6 +92,12 @@ def test_load_params_reports_yaml_syntax_and_missing_file(tmp_path):
         load_params(bad)
     with pytest.raises(UserError, match="params file not found"):
         load_params(tmp_path / "nope.yaml")
+    with pytest.raises(UserError, match="is a folder"):
+        load_params(tmp_path)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("data:\n  source: folder:Prüfung\n".encode("latin-1"))
+    with pytest.raises(UserError, match="not UTF-8 text"):
+        load_params(latin)
 
 
 def test_cli_exits_2_with_one_line_on_a_typo(tmp_path):

@@ -42,10 +42,18 @@ def test_scheduler_drives_the_optimizer():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fall-back")
 def test_cpu_selected_without_cuda():
     setup = select_device("auto")
-    if not torch.cuda.is_available():
-        assert setup.device.type == "cpu" and setup.amp_dtype is None and not setup.channels_last
+    assert setup.device.type == "cpu" and setup.amp_dtype is None and not setup.channels_last
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
+def test_asking_for_cuda_without_one_is_a_clear_error():
+    from synermix.errors import UserError
+
+    with pytest.raises(UserError, match=r"no CUDA device is visible; set train.device: auto"):
+        select_device("cuda")
 
 
 def loader(n=8, inf=False):
@@ -99,12 +107,34 @@ def test_evaluate_accuracy_macro_and_per_class_recall():
     assert result["images"] == 5
 
 
-def test_checkpoint_roundtrip_is_atomic(tmp_path):
+def test_evaluate_class_absent_from_the_split_has_no_recall():
+    x = torch.zeros(5, 1, 2, 2)
+    y = torch.tensor([0, 0, 1, 1, 1])
+    result = evaluate(FixedLogits(), [(x, y)], select_device("cpu"), num_classes=3)
+    assert math.isnan(result["per_class_recall"][2])
+    assert result["macro_recall"] == pytest.approx((1 + 2 / 3) / 2)
+
+
+def test_checkpoint_roundtrip_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "ck" / "last.pt"
     save_checkpoint(path, {"epoch": 1, "w": torch.ones(2), "rng": MixRandom(0).state_dict()})
     save_checkpoint(path, {"epoch": 2, "w": torch.zeros(2), "rng": MixRandom(0).state_dict()})
     loaded = load_checkpoint(path)
     assert loaded["epoch"] == 2 and not list(path.parent.glob("*.tmp"))
+
+    real_save = torch.save
+
+    def killed_while_writing(obj, target):
+        real_save(obj, target)
+        with open(target, "r+b") as handle:  # half a file, then the process dies
+            handle.truncate(10)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"epoch": 3})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 2  # the previous checkpoint is intact
     path.write_bytes(b"garbage")
     assert load_checkpoint(path) is None
     assert load_checkpoint(tmp_path / "none.pt") is None

@@ -163,9 +163,21 @@ def test_manifold_point_and_lambda_come_from_the_seeded_generator():
     x = torch.randn(6, 1, 16, 16)
     y = torch.tensor([0, 0, 1, 1, 2, 2])
     model = tiny_model().eval()
-    a = [SynerMixLoss("manifold_mixup", 3, MixRandom(4))(model, x, x, y).total for _ in range(1)]
-    b = [SynerMixLoss("manifold_mixup", 3, MixRandom(4))(model, x, x, y).total for _ in range(1)]
-    torch.testing.assert_close(a, b)
+    points = []
+    model.forward_mixed = lambda x, point, lam, perm: (points.append((point, lam)), model(x))[1]
+
+    def draws(seed):
+        points.clear()
+        loss = SynerMixLoss("manifold_mixup", 3, MixRandom(seed))
+        for _ in range(30):
+            loss(model, x, x, y)
+        return list(points)
+
+    first = draws(4)
+    assert first == draws(4)  # same seed, same mixing points and lambdas
+    assert {p for p, _ in first} == set(model.mix_points)  # every point is used
+    assert len({lam for _, lam in first}) == 30
+    assert first != draws(5)
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,26 @@
 import pytest
 import torch
+import torchvision.models as tvm
 
 from synermix.models import ARCHITECTURES, build_model
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_split_network_computes_what_torchvision_computes(arch):
+    """Same seed, same parameters: features + classifier must equal torchvision's forward."""
+    torch.manual_seed(0)
+    ours = build_model(arch, 5, 3).eval()
+    torch.manual_seed(0)
+    reference = getattr(tvm, arch)(weights=None, num_classes=5).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), reference(x), rtol=0, atol=0)
+        seen = {}
+        final = reference.fc if arch.startswith("resnet") else reference.classifier[-1]
+        handle = final.register_forward_hook(lambda m, inputs, out: seen.setdefault("x", inputs[0]))
+        reference(x)
+        handle.remove()
+        torch.testing.assert_close(ours.features(x), seen["x"], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -11,11 +30,8 @@ def test_every_architecture_splits_into_features_and_classifier(arch):
         model = build_model(arch, 5, in_channels, small_input_stem=small).eval()
         x = torch.randn(2, in_channels, 32, 32)
         with torch.no_grad():
-            features = model.features(x)
-            logits = model(x)
-            assert features.shape == (2, model.feature_dim)
-            torch.testing.assert_close(model.classifier(features), logits)
-            assert logits.shape == (2, 5)
+            assert model.features(x).shape == (2, model.feature_dim)
+            assert model(x).shape == (2, 5)
             assert model.mix_points[0] == 0 and len(model.mix_points) == 3
             for point in model.mix_points:
                 assert model.forward_mixed(x, point, 0.5, torch.tensor([1, 0])).shape == (2, 5)

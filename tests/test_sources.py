@@ -136,3 +136,20 @@ def test_fashion_mnist_debian_package():
     listing = list_source(SourceSpec("fashion-mnist"))
     assert len(listing.items) == 70_000
     assert Counter(i.label for i in listing.items) == dict.fromkeys(FASHION_MNIST_CLASSES, 7000)
+
+
+def test_fashion_mnist_short_header_and_corrupt_gzip(tmp_path):
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(bytes([0, 0, 8, 3, 0, 0]))
+    with pytest.raises(UserError, match="header is incomplete"):
+        list_fashion_mnist(tmp_path)
+    (tmp_path / "train-images-idx3-ubyte").unlink()
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"x" * 100)[:20])
+    with pytest.raises(UserError, match=r"cannot read .*reinstall dataset-fashion-mnist"):
+        list_fashion_mnist(tmp_path)
+
+
+def test_class_folder_named_with_underscores_is_kept_and_macos_debris_ignored(make_dataset):
+    root = make_dataset({"__other": 2, "ok": 2})
+    (root / "__MACOSX").mkdir()
+    (root / "__MACOSX" / "._img.png").write_bytes(b"\0")
+    assert list_folder(root).classes == ("__other", "ok")

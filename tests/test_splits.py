@@ -76,3 +76,14 @@ def test_targets_for_small_classes(n, expected):
 def test_targets_keep_a_training_image_with_extreme_ratios():
     t = split_targets(4, {"train": 0.1, "val": 0.45, "test": 0.45})
     assert t["train"] >= 1 and sum(t.values()) == 4
+
+
+def test_a_group_of_copies_never_overshoots_test_or_val():
+    # 12 pictures of one class, 5 of them the same picture: test/val targets are 2 each
+    labels = ["a"] * 12
+    keys = ["dup"] * 5 + [f"u{i}" for i in range(7)]
+    for seed in range(50):
+        splits = assign_splits(labels, keys, RATIOS, seed)
+        counts = Counter(splits)
+        assert counts["test"] <= 2 and counts["val"] <= 2, (seed, counts)
+        assert len({s for s, k in zip(splits, keys, strict=True) if k == "dup"}) == 1

@@ -61,3 +61,24 @@ def test_train_stage_refuses_a_class_without_training_images(tmp_path, stage_par
     )
     with pytest.raises(CheckFailed, match="no training images for class\\(es\\) dent"):
         run_train(params, tmp_path)
+
+
+def test_undeclared_class_is_left_out_when_its_rule_is_off(tmp_path, stage_params, make_params, caplog):
+    run_prepare(stage_params, tmp_path)
+    params = make_params(
+        data={"source": stage_params.data.source, "classes": ["crack", "ok"]},
+        validate={"rules": {"declared_labels": {"severity": "off"}}},
+        train={"image_size": 32, "epochs": 1, "batch_size": 16},
+    )
+    with caplog.at_level("WARNING"):
+        run_train(params, tmp_path)
+    assert "leaving out 20 image(s) of class(es) not in data.classes: scratch" in caplog.text
+    _, meta = load_trained_model(tmp_path / MODEL_DIR)
+    assert meta["class_names"] == ["crack", "ok"]
+
+
+def test_cli_has_every_stage():
+    from synermix.cli import _parser
+
+    for command in ("params", "prepare", "validate", "train"):
+        assert _parser().parse_args([command]).command == command

@@ -260,3 +260,17 @@ def test_stage_commands_exit_codes(tmp_path, make_dataset):
         f"error: data.source folder '{tmp_path / 'nowhere'}' does not exist; "
         "point data.source at a folder laid out as <class>/<image>"
     ]
+
+
+def test_a_class_whose_images_are_all_quarantined_does_not_vanish(tmp_path, make_dataset, pipeline):
+    make_dataset({"scratch": 40, "crack": 40})
+    for i in range(3):
+        add(tmp_path, f"dent/black{i}.png", png_bytes(Image.new("L", (32, 32), 0)))
+    message = pipeline(validate={"on_bad_images": "quarantine", "max_quarantined_fraction": 0.1})
+    assert "'dent' 0 image(s) in train, need 10" in message
+
+
+def test_a_single_class_is_not_a_classification_dataset(tmp_path, make_dataset, pipeline):
+    make_dataset({"ok": 30})
+    message = pipeline()
+    assert "validation rule 'min_per_class' failed: 1 class(es) in the data, need at least 2" in message

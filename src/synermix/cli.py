@@ -1,7 +1,7 @@
 """``synermix``: the commands a person runs by hand.
 
 ``synermix params`` checks params.yaml and prints the resolved values;
-``synermix prepare`` / ``synermix validate`` run one stage outside DVC (DVC runs the
+``synermix prepare`` / ``validate`` / ``train`` run one stage outside DVC (DVC runs the
 same code through ``pipeline/``).
 """
 
@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("params", help="check params.yaml and print the values in force")
     sub.add_parser("prepare", help="run the prepare stage (images + manifest + splits)")
     sub.add_parser("validate", help="run the validate stage (Great Expectations on the manifest)")
+    sub.add_parser("train", help="run the train stage (SynerMix training, logged to MLflow)")
     return parser
 
 
@@ -54,6 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from synermix.stages import run_validate
 
         run_validate(params)
+    elif args.command == "train":
+        from synermix.stages import run_train
+
+        run_train(params)
     return 0
 
 

@@ -188,8 +188,9 @@ def evaluate(model: nn.Module, data_loader, setup: DeviceSetup, num_classes: int
     confusion = confusion.cpu()
     total = int(confusion.sum())
     support = confusion.sum(1)
-    recall = confusion.diag().double() / support.clamp_min(1).double()
     present = support > 0
+    # a class absent from this split has no recall (NaN), not a recall of 0
+    recall = torch.where(present, confusion.diag().double() / support.clamp_min(1).double(), float("nan"))
     return {
         "loss": float(loss) / max(total, 1),
         "accuracy": float(confusion.diag().sum()) / max(total, 1),

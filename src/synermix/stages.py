@@ -89,6 +89,16 @@ def run_train(params: Params, root: Path = Path(".")) -> dict:
     manifest = read_manifest(manifest_path)
     usable = usable_rows(manifest, read_quarantine(root / QUARANTINE_CSV))
     names = class_names(usable, params.data.classes)
+    undeclared = usable[~usable["label"].isin(names)]
+    if len(undeclared):
+        # only reachable with validate.rules.declared_labels at warning/off: the declared
+        # list then acts as a filter, and says so
+        log.warning(
+            "leaving out %d image(s) of class(es) not in data.classes: %s",
+            len(undeclared),
+            ", ".join(sorted(set(undeclared["label"]))),
+        )
+        usable = usable[usable["label"].isin(names)]
     train_rows = usable[usable["split"] == "train"]
     val_rows = usable[usable["split"] == "val"]
     if train_rows.empty or val_rows.empty:
@@ -128,7 +138,14 @@ def run_train(params: Params, root: Path = Path(".")) -> dict:
             result,
             params.train,
             root / MODEL_DIR,
-            {"mlflow_run_id": run.info.run_id, "manifest_sha256": manifest_sha, "seed": params.seed},
+            {
+                "mlflow_run_id": run.info.run_id,
+                "manifest_sha256": manifest_sha,
+                "seed": params.seed,
+                # prepare may already have resized (data.image_size) before the model's own
+                # resize; inference from raw photos must repeat both steps to match training
+                "prepare_image_size": params.data.image_size,
+            },
         )
         history = pd.DataFrame(result.history)
         (root / TRAIN_HISTORY).parent.mkdir(parents=True, exist_ok=True)

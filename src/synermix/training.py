@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader
@@ -57,17 +58,42 @@ class TrainingResult:
         return self.history[-1]
 
 
-def run_fingerprint(params: TrainParams, seed: int, class_names: Sequence[str], *frames: pd.DataFrame) -> str:
-    """Hash of everything that determines a run: a checkpoint resumes only on a match."""
+#: The modules whose code decides what a training run computes.
+_TRAINING_CODE = (
+    "training.py",
+    "engine.py",
+    "mixup.py",
+    "models.py",
+    "data/datasets.py",
+    "data/samplers.py",
+    "data/transforms.py",
+)
+
+
+def run_fingerprint(
+    params: TrainParams, seed: int, class_names: Sequence[str], image_root: Path, *frames: pd.DataFrame
+) -> str:
+    """Hash of everything that determines a run: params, seed, classes, the training code
+    and the bytes of every image used. A checkpoint resumes only on a match."""
     digest = hashlib.sha256()
     digest.update(
         json.dumps([params.model_dump(mode="json"), seed, list(class_names)], sort_keys=True).encode()
     )
+    package = Path(__file__).parent
+    for name in _TRAINING_CODE:
+        digest.update((package / name).read_bytes())
     for frame in frames:
-        digest.update(
-            "\n".join(frame["path"] + ":" + frame["content_sha256"] + ":" + frame["label"]).encode()
-        )
+        for path, label in zip(frame["path"], frame["label"], strict=True):
+            digest.update(f"{path}:{label}:".encode())
+            digest.update(hashlib.sha256((image_root / path).read_bytes()).digest())
     return digest.hexdigest()
+
+
+def seeds_for(seed: int) -> dict[str, int]:
+    """Independent seeds for each random source, all derived from the one ``seed`` param."""
+    names = ("torch", "sampler", "loader", "mix")
+    children = np.random.SeedSequence(seed).spawn(len(names))
+    return {name: int(child.generate_state(1)[0]) for name, child in zip(names, children, strict=True)}
 
 
 def _rng_state(sampler, loader_generator, mix_rng) -> dict[str, Any]:
@@ -102,7 +128,8 @@ def train_model(
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainingResult:
     """Train with ``params`` on ``train_rows``, validating on ``val_rows`` after every epoch."""
-    torch.manual_seed(seed)
+    seeds = seeds_for(seed)
+    torch.manual_seed(seeds["torch"])
     setup = select_device(params.device, params.amp, params.channels_last)
     channels = infer_channels(train_rows) if params.channels == "auto" else int(params.channels)
     augmentation = build_augmentation(params.image_size, params.augment)
@@ -123,8 +150,8 @@ def train_model(
     pre = Preprocessing(image_size=params.image_size, channels=channels, mean=mean, std=std)
     train_set.pre = val_set.pre = pre
 
-    sampler = ClassPairBatchSampler(train_set.labels, params.batch_size, seed)
-    loader_generator = torch.Generator().manual_seed(seed + 1)
+    sampler = ClassPairBatchSampler(train_set.labels, params.batch_size, seeds["sampler"])
+    loader_generator = torch.Generator().manual_seed(seeds["loader"])
     pin = setup.device.type == "cuda"
     train_loader = DataLoader(
         train_set,
@@ -152,7 +179,7 @@ def train_model(
         params.gamma,
     )
     scaler = torch.amp.GradScaler("cuda") if setup.amp_dtype == torch.float16 else None
-    mix_rng = MixRandom(seed)
+    mix_rng = MixRandom(seeds["mix"])
     criterion = SynerMixLoss(
         params.method, num_classes, mix_rng, params.beta, params.mixup_alpha, params.inter_method
     )
@@ -162,11 +189,13 @@ def train_model(
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
         model.run_stages = torch.compile(model.run_stages)
 
-    fingerprint = run_fingerprint(params, seed, class_names, train_rows, val_rows)
+    fingerprint = run_fingerprint(params, seed, class_names, image_root, train_rows, val_rows)
     history: list[dict[str, Any]] = []
     start = 0
     checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path else None
-    if checkpoint is not None and checkpoint.get("fingerprint") == fingerprint:
+    if checkpoint is not None and int(checkpoint.get("epoch", 0)) >= params.epochs:
+        log.info("checkpoint %s is of a finished run; training afresh", checkpoint_path)
+    elif checkpoint is not None and checkpoint.get("fingerprint") == fingerprint:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])

@@ -134,17 +134,26 @@ def list_elpv() -> SourceListing:
 
 # --------------------------------------------------------------------------- folder
 def _visible(name: str) -> bool:
-    """Hidden files and folders (.DS_Store, .git, __MACOSX) are not photos."""
-    return not name.startswith(".") and not name.startswith("__")
+    """Hidden files and folders (.DS_Store, .git) and macOS zip debris are not photos."""
+    return not name.startswith(".") and name != "__MACOSX"
+
+
+_FOLDER_FIX = "point data.source at a folder laid out as <class>/<image>"
 
 
 def list_folder(root: Path) -> SourceListing:
     """List ``root/<class>/<image>`` (images may sit in sub-folders of a class folder)."""
-    fix = "point data.source at a folder laid out as <class>/<image>"
     if not root.exists():
-        raise UserError(f"data.source folder '{root}' does not exist; {fix}")
+        raise UserError(f"data.source folder '{root}' does not exist; {_FOLDER_FIX}")
     if not root.is_dir():
-        raise UserError(f"data.source folder '{root}' is a file, not a folder; {fix}")
+        raise UserError(f"data.source folder '{root}' is a file, not a folder; {_FOLDER_FIX}")
+    try:
+        return _list_class_folders(root)
+    except PermissionError as exc:
+        raise UserError(f"cannot read '{exc.filename}': permission denied; make it readable") from None
+
+
+def _list_class_folders(root: Path) -> SourceListing:
     entries = sorted(p for p in root.iterdir() if _visible(p.name))
     loose = [p.name for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
     class_dirs = [p for p in entries if p.is_dir()]
@@ -155,7 +164,7 @@ def list_folder(root: Path) -> SourceListing:
             "be in a folder named after its class: move them into <class>/ sub-folders"
         )
     if not class_dirs:
-        raise UserError(f"'{root}' has no class folders; {fix}")
+        raise UserError(f"'{root}' has no class folders; {_FOLDER_FIX}")
     items: list[SourceItem] = []
     skipped: list[str] = []
     empty: list[str] = []
@@ -201,11 +210,16 @@ def _idx_file(root: Path, stem: str) -> Path:
 def read_idx(path: Path) -> np.ndarray:
     """Read an idx file (optionally gzip-compressed) into an array of uint8."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        data = handle.read()
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+    except (OSError, EOFError) as exc:
+        raise UserError(f"cannot read '{path}' ({exc}); reinstall dataset-fashion-mnist") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise UserError(f"'{path}' is not an idx file of unsigned bytes")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise UserError(f"'{path}' is truncated: its header is incomplete")
     dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     payload = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if payload.size != int(np.prod(dims)):

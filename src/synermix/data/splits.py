@@ -4,7 +4,8 @@ Images are first grouped by content hash (the same picture, whatever its file na
 encoding, is one group); a group never straddles two splits. Within each class the
 groups are shuffled by a generator seeded from ``(seed, class name)``, so adding a class
 never reshuffles the others, and filled into test, then val, then train until each split
-holds its share of the class. A class with at least three images gets at least one in
+holds its share of the class; a group of copies that would overshoot the test or val
+share goes to train. A class of at least three distinct pictures gets at least one in
 every split.
 """
 
@@ -73,7 +74,9 @@ def assign_splits(
         filled = dict.fromkeys(SPLITS, 0)
         for index in order:
             key = keys[index]
-            split = next((s for s in ("test", "val") if filled[s] < targets[s]), "train")
+            size = len(members[key])
+            # fill test, then val; a group of copies that would overshoot goes to train
+            split = next((s for s in ("test", "val") if filled[s] + size <= targets[s]), "train")
             filled[split] += len(members[key])
             for row in members[key]:
                 result[row] = split

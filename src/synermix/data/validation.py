@@ -182,9 +182,10 @@ def hash_table(rows: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def class_count_table(rows: pd.DataFrame, declared: Sequence[str]) -> pd.DataFrame:
-    """Images per class and split (declared classes with no images appear with zeros)."""
-    labels = sorted(set(rows["label"]) | set(declared))
+def class_count_table(rows: pd.DataFrame, labels: Sequence[str]) -> pd.DataFrame:
+    """Images of ``rows`` per class and split; every class of ``labels`` appears (zeros
+    for a declared class without images, or one whose images were all quarantined)."""
+    labels = sorted(set(rows["label"]) | set(labels))
     counts = pd.crosstab(rows["label"], rows["split"]).reindex(
         index=labels, columns=list(SPLITS), fill_value=0
     )
@@ -332,7 +333,7 @@ def validate_manifest(
             )
 
     # ---- dataset rules -------------------------------------------------------------
-    counts = class_count_table(kept, declared_classes)
+    counts = class_count_table(kept, [*declared_classes, *images["label"]])
     hashes = hash_table(kept)
 
     if rules.declared_labels.severity == "off":
@@ -375,7 +376,16 @@ def validate_manifest(
                         "reason": f"{have} image(s) in {split}, need {getattr(m, split)}",
                     }
                 )
-        shown = "; ".join(f"'{e['label']}' {e['reason']}" for e in entries[:5])
+        if len(counts) < 2:
+            entries.insert(
+                0,
+                {
+                    "file": "dataset",
+                    "label": "",
+                    "reason": f"{len(counts)} class(es) in the data, need at least 2",
+                },
+            )
+        shown = "; ".join(f"'{e['label']}' {e['reason']}" if e["label"] else e["reason"] for e in entries[:5])
         finish(
             "min_per_class",
             "dataset",
