@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from synermix.choices import ARCHITECTURES, INTER_METHODS, METHODS
 from synermix.errors import UserError
 
 Severity = Literal["error", "warning", "off"]
@@ -192,19 +193,11 @@ class AugmentParams(_Section):
 
 
 class TrainParams(_Section):
-    method: Literal["erm", "mixup", "manifold_mixup", "synermix_intra", "synermix"] = "synermix"
-    inter_method: Literal["mixup", "manifold_mixup"] = "mixup"
+    method: Literal[METHODS] = "synermix"
+    inter_method: Literal[INTER_METHODS] = "mixup"
     beta: Annotated[float, Field(ge=0, le=1)] = 0.1
     mixup_alpha: Annotated[float, Field(gt=0, le=100)] = 1.0
-    arch: Literal[
-        "resnet18",
-        "resnet34",
-        "resnet50",
-        "mobilenet_v3_small",
-        "mobilenet_v3_large",
-        "efficientnet_b0",
-        "convnext_tiny",
-    ] = "resnet18"
+    arch: Literal[ARCHITECTURES] = "resnet18"
     small_input_stem: bool = False
     image_size: Annotated[int, Field(ge=16, le=1024)] = 64
     channels: Literal["auto", 1, 3] = "auto"

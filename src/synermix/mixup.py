@@ -31,8 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-METHODS = ("erm", "mixup", "manifold_mixup", "synermix_intra", "synermix")
-INTER_METHODS = ("mixup", "manifold_mixup")
+from synermix.choices import INTER_METHODS, METHODS
 
 
 class MixRandom:

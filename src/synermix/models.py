@@ -27,15 +27,7 @@ import torch
 import torchvision.models as tvm
 from torch import nn
 
-ARCHITECTURES = (
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "mobilenet_v3_small",
-    "mobilenet_v3_large",
-    "efficientnet_b0",
-    "convnext_tiny",
-)
+from synermix.choices import ARCHITECTURES
 
 
 class SplitNet(nn.Module):

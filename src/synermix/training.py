@@ -64,6 +64,7 @@ _TRAINING_CODE = (
     "engine.py",
     "mixup.py",
     "models.py",
+    "choices.py",
     "data/datasets.py",
     "data/samplers.py",
     "data/transforms.py",
