@@ -147,19 +147,24 @@ def test_a_finished_checkpoint_is_never_reused(prepared, tmp_path):
     assert comparable(again.history) == comparable(first.history)
 
 
-def test_fingerprint_covers_image_bytes_and_params(prepared, tmp_path):
+@pytest.mark.parametrize("cache", [True, False])
+def test_fingerprint_covers_image_bytes_and_params(prepared, tmp_path, cache):
     import shutil
 
+    from synermix.data.datasets import InspectionImages
     from synermix.training import run_fingerprint
 
     train, val = rows(prepared)
     params = TrainParams(**TRAIN)
-    base = run_fingerprint(params, 7, ["defective", "functional"], prepared, train, val)
-    assert base == run_fingerprint(params, 7, ["defective", "functional"], prepared, train, val)
-    assert base != run_fingerprint(
-        TrainParams(**{**TRAIN, "lr": 0.5}), 7, ["defective", "functional"], prepared, train, val
-    )
+    names = ["defective", "functional"]
+
+    def images(root):
+        return [InspectionImages(frame, root, names, None, 32, 1, cache=cache) for frame in (train, val)]
+
+    base = run_fingerprint(params, 7, names, *images(prepared))
+    assert base == run_fingerprint(params, 7, names, *images(prepared))
+    assert base != run_fingerprint(TrainParams(**{**TRAIN, "lr": 0.5}), 7, names, *images(prepared))
     copy = tmp_path / "copy"
     shutil.copytree(prepared, copy)
     (copy / train["path"].iloc[0]).write_bytes((copy / train["path"].iloc[1]).read_bytes())
-    assert base != run_fingerprint(params, 7, ["defective", "functional"], copy, train, val)
+    assert base != run_fingerprint(params, 7, names, *images(copy))

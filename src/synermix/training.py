@@ -72,10 +72,10 @@ _TRAINING_CODE = (
 
 
 def run_fingerprint(
-    params: TrainParams, seed: int, class_names: Sequence[str], image_root: Path, *frames: pd.DataFrame
+    params: TrainParams, seed: int, class_names: Sequence[str], *datasets: InspectionImages
 ) -> str:
     """Hash of everything that determines a run: params, seed, classes, the training code
-    and the bytes of every image used. A checkpoint resumes only on a match."""
+    and every image and label used. A checkpoint resumes only on a match."""
     digest = hashlib.sha256()
     digest.update(
         json.dumps([params.model_dump(mode="json"), seed, list(class_names)], sort_keys=True).encode()
@@ -83,10 +83,8 @@ def run_fingerprint(
     package = Path(__file__).parent
     for name in _TRAINING_CODE:
         digest.update((package / name).read_bytes())
-    for frame in frames:
-        for path, label in zip(frame["path"], frame["label"], strict=True):
-            digest.update(f"{path}:{label}:".encode())
-            digest.update(hashlib.sha256((image_root / path).read_bytes()).digest())
+    for dataset in datasets:
+        dataset.update_digest(digest)
     return digest.hexdigest()
 
 
@@ -190,7 +188,7 @@ def train_model(
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
         model.run_stages = torch.compile(model.run_stages)
 
-    fingerprint = run_fingerprint(params, seed, class_names, image_root, train_rows, val_rows)
+    fingerprint = run_fingerprint(params, seed, class_names, train_set, val_set)
     history: list[dict[str, Any]] = []
     start = 0
     checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -76,6 +77,16 @@ class InspectionImages(Dataset):
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def update_digest(self, digest) -> None:
+        """Feed what training sees into ``digest``: each label and image (the cached
+        pixels when cached, so the files are not read a second time; else file bytes)."""
+        for i, (path, label) in enumerate(zip(self.paths, self.labels, strict=True)):
+            digest.update(f"{label}:".encode())
+            if self.cache is not None:
+                digest.update(self.cache[i].numpy().tobytes())
+            else:
+                digest.update(hashlib.sha256(path.read_bytes()).digest())
 
     def raw(self, i: int) -> torch.Tensor:
         if self.cache is not None:
