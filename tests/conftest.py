@@ -70,3 +70,52 @@ def make_params() -> Callable[..., Params]:
         return parse_params(sections)
 
     return build
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory) -> str:
+    """A real PostgreSQL server on loopback for this test session (Debian ``postgresql``).
+
+    Skipped when the server binaries are missing, unless SYNERMIX_REQUIRE_POSTGRES is set
+    (CI sets it, so there the test cannot silently skip). As root, the server runs as the
+    ``postgres`` user, since PostgreSQL refuses to run as root.
+    """
+    import glob
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not found:
+        message = "PostgreSQL server binaries not found (apt-get install postgresql)"
+        if os.environ.get("SYNERMIX_REQUIRE_POSTGRES"):
+            pytest.fail(message)
+        pytest.skip(message)
+    bin_dir = Path(found[-1]).parent
+    as_user: list[str] = []
+    data_dir = Path(tempfile.mkdtemp(prefix="synermix-pg-"))
+    if os.geteuid() == 0:
+        as_user = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(data_dir, "postgres")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    pgdata = data_dir / "data"
+
+    def run(*args: str) -> None:
+        subprocess.run([*as_user, *args], check=True, capture_output=True, text=True)
+
+    run(str(bin_dir / "initdb"), "-D", str(pgdata), "-A", "trust", "-U", "synermix", "--no-sync")
+    options = f"-c listen_addresses=127.0.0.1 -p {port} -k {data_dir} -c fsync=off"
+    run(str(bin_dir / "pg_ctl"), "-D", str(pgdata), "-o", options, "-l", str(data_dir / "log"), "-w", "start")
+    try:
+        run(str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "synermix", "tuning")
+        yield f"postgresql://synermix@127.0.0.1:{port}/tuning"
+    finally:
+        subprocess.run(
+            [*as_user, str(bin_dir / "pg_ctl"), "-D", str(pgdata), "-m", "immediate", "stop"],
+            capture_output=True,
+        )
+        shutil.rmtree(data_dir, ignore_errors=True)

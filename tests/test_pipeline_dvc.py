@@ -57,7 +57,7 @@ def project(tmp_path):
     """A copy of the pipeline in a fresh git + DVC repo, importing the copied src/."""
     repo = tmp_path / "repo"
     repo.mkdir()
-    for name in ("dvc.yaml", "params.yaml", "requirements.lock"):
+    for name in ("dvc.yaml", "params.yaml", "requirements.lock", ".gitignore"):
         shutil.copy(REPO_ROOT / name, repo / name)
     for name in ("pipeline", "src"):
         shutil.copytree(
@@ -104,12 +104,20 @@ def test_dvc_repro_on_real_elpv_subset(project):
         train__epochs=2,
         train__image_size=32,
         train__batch_size=16,
+        tune__n_trials=2,
+        tune__epochs=2,
+        tune__max_per_class=8,
+        tune__startup_trials=1,
     )
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "init"], repo, env)
 
     first = run([str(DVC), "repro"], repo, env)
-    assert ran(first.stdout) == {"prepare", "validate", "train"}
+    assert ran(first.stdout) == {"prepare", "validate", "tune", "train"}
+    tuned = yaml.safe_load((repo / "tuning/best_params.yaml").read_text())
+    assert tuned["tuned"] and json.loads((repo / "reports/tune.json").read_text())["trials"] == 2
+    meta = json.loads((repo / "models/model/model.json").read_text())
+    assert meta["beta"] == tuned["params"]["beta"]  # train used the tuned beta
     manifest = (repo / "data/prepared/manifest.csv").read_text().splitlines()
     assert len(manifest) == 1 + 60 and "cell_type" in manifest[0]
     assert (repo / "reports/validation.md").read_text().startswith("# Data validation report")
@@ -117,7 +125,7 @@ def test_dvc_repro_on_real_elpv_subset(project):
     assert (repo / "models/model/weights.pt").is_file() and (repo / "mlflow.db").is_file()
     assert json.loads((repo / "reports/train.json").read_text())["epochs"] == 2
     plots = run([str(DVC), "plots", "show", "--json"], repo, env).stdout
-    assert "reports/train_history.csv" in plots
+    assert "reports/train_history.csv" in plots and "reports/tune/trials.csv" in plots
 
     again = run([str(DVC), "repro"], repo, env)
     assert ran(again.stdout) == set() and "Data and pipelines are up to date" in again.stdout
@@ -127,15 +135,30 @@ def test_dvc_repro_on_real_elpv_subset(project):
     only_validate = run([str(DVC), "repro"], repo, env)
     assert ran(only_validate.stdout) == {"validate"}
 
+    # train.lr is searched: tune reruns but finds its study complete (no new trial)
     set_params(repo, train__lr=0.02)
+    assert ran(run([str(DVC), "repro"], repo, env).stdout) == {"tune", "train"}
+    assert yaml.safe_load((repo / "tuning/best_params.yaml").read_text()) == tuned
+
+    # only train.* keys that trials do not use leave tuning alone
+    set_params(repo, train__epochs=1)
     assert ran(run([str(DVC), "repro"], repo, env).stdout) == {"train"}
+
+    # a larger trial budget continues the same study by one trial
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "tuned"], repo, env)
+    exp = run([str(DVC), "exp", "run", "-S", "tune.n_trials=3"], repo, env)
+    assert {"tune", "train"} <= ran(exp.stdout)
+    assert json.loads((repo / "reports/tune.json").read_text())["trials"] == 3
+    assert "trial 2, budget 3 trials" in exp.stdout + exp.stderr
+    assert "trial 0," not in exp.stdout + exp.stderr
 
     # resizing rewrites the images but not the manifest, so validate has nothing new to check
     set_params(repo, data__image_size=48)
-    assert ran(run([str(DVC), "repro"], repo, env).stdout) == {"prepare", "train"}
+    assert ran(run([str(DVC), "repro"], repo, env).stdout) == {"prepare", "tune", "train"}
 
     set_params(repo, data__max_per_class=14)
-    assert ran(run([str(DVC), "repro"], repo, env).stdout) == {"prepare", "validate", "train"}
+    assert ran(run([str(DVC), "repro"], repo, env).stdout) == {"prepare", "validate", "tune", "train"}
     metrics = json.loads(run([str(DVC), "metrics", "show", "--json"], repo, env).stdout)
     prepared = metrics[""]["data"]["reports/prepare.json"]["data"]
     assert prepared["images"] == 56 and prepared["classes"] == 4

@@ -1,8 +1,9 @@
 """``synermix``: the commands a person runs by hand.
 
 ``synermix params`` checks params.yaml and prints the resolved values;
-``synermix prepare`` / ``validate`` / ``train`` run one stage outside DVC (DVC runs the
-same code through ``pipeline/``).
+``synermix prepare`` / ``validate`` / ``tune`` / ``train`` run one stage outside DVC (DVC
+runs the same code through ``pipeline/``); ``synermix tune --worker`` adds a worker to a
+running study.
 """
 
 from __future__ import annotations
@@ -35,6 +36,20 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("params", help="check params.yaml and print the values in force")
     sub.add_parser("prepare", help="run the prepare stage (images + manifest + splits)")
     sub.add_parser("validate", help="run the validate stage (Great Expectations on the manifest)")
+    tune = sub.add_parser("tune", help="run the tune stage (Optuna search of beta), or join it as a worker")
+    tune.add_argument(
+        "--worker",
+        action="store_true",
+        help="join the study of a running tune stage (same data and params, shared tune.storage) "
+        "and run trials until its budget is used; writes no outputs",
+    )
+    tune.add_argument(
+        "--wait",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="with --worker: how long to wait for the study to appear (default 120)",
+    )
     sub.add_parser("train", help="run the train stage (SynerMix training, logged to MLflow)")
     return parser
 
@@ -55,6 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from synermix.stages import run_validate
 
         run_validate(params)
+    elif args.command == "tune":
+        from synermix.stages import run_tune
+
+        run_tune(params, worker=args.worker, wait_seconds=args.wait)
     elif args.command == "train":
         from synermix.stages import run_train
 

@@ -12,6 +12,7 @@ import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -228,6 +229,138 @@ class TrainParams(_Section):
         return self
 
 
+class FloatRange(_Section):
+    """A float search dimension: ``{low, high, log}``; log-scale needs ``low > 0``."""
+
+    low: float
+    high: float
+    log: bool = False
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FloatRange:
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low:g}) must be < high ({self.high:g})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log-scale range needs low > 0, got {self.low:g}")
+        return self
+
+
+class SearchSpace(_Section):
+    """What the tune stage searches. ``beta`` is always searched (a sub-range of [0, 1]);
+    every other knob is searched only when given (null: train.* from params.yaml)."""
+
+    beta: FloatRange | None = Field(default_factory=lambda: FloatRange(low=0.0, high=1.0))
+    lr: FloatRange | None = Field(default_factory=lambda: FloatRange(low=0.01, high=0.2, log=True))
+    weight_decay: FloatRange | None = None
+    mixup_alpha: FloatRange | None = None
+    inter_method: list[Literal[INTER_METHODS]] | None = None
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchSpace:
+        if self.beta is None:
+            raise ValueError(
+                "empty search space: beta is always searched; give beta: {low: 0.0, high: 1.0} "
+                "(or set tune.enabled: false to train with train.beta)"
+            )
+        if self.beta.low < 0 or self.beta.high > 1:
+            raise ValueError(
+                f"beta range [{self.beta.low:g}, {self.beta.high:g}] leaves [0, 1]: "
+                "beta weighs L_intra against L_inter and must lie in [0, 1]"
+            )
+        for name in ("lr", "weight_decay", "mixup_alpha"):
+            dim = getattr(self, name)
+            for bound in () if dim is None else (dim.low, dim.high):
+                try:  # the range must hold only values train.<name> accepts
+                    TrainParams.model_validate({name: bound})
+                except ValidationError as exc:
+                    reason = exc.errors(include_url=False)[0]["msg"].lower()
+                    where = f"{name} range [{dim.low:g}, {dim.high:g}]"
+                    raise ValueError(f"{where}: train.{name}: {reason}") from None
+        if self.inter_method is not None:
+            if not self.inter_method:
+                raise ValueError(f"inter_method: give at least one of {', '.join(INTER_METHODS)}, or null")
+            if len(set(self.inter_method)) != len(self.inter_method):
+                raise ValueError("inter_method: choices must be unique")
+        return self
+
+    def searched(self) -> list[str]:
+        return [name for name in type(self).model_fields if getattr(self, name) is not None]
+
+
+class PrunerParams(_Section):
+    """Early stopping of poor trials, fed the objective after every epoch."""
+
+    kind: Literal["none", "median", "successive_halving", "hyperband"] = "median"
+    #: median: trials completed before any pruning, and epochs before a trial can be pruned
+    startup_trials: Annotated[int, Field(ge=0)] = 4
+    warmup_epochs: Annotated[int, Field(ge=0)] = 2
+    #: successive_halving / hyperband: epochs of the first rung, and 1/fraction kept per rung
+    min_epochs: Annotated[int, Field(ge=1)] = 1
+    reduction_factor: Annotated[int, Field(ge=2, le=10)] = 2
+
+
+class TuneParams(_Section):
+    enabled: bool = True
+    objective: Literal["val_accuracy", "val_macro_recall"] = "val_macro_recall"
+    n_trials: Annotated[int, Field(ge=1, le=100_000)] = 12
+    #: stop starting trials once the study's trials have used this much worker time
+    timeout_minutes: Annotated[float, Field(gt=0)] | None = None
+    #: short trials: epochs per trial, and a seeded cap on training images per class
+    epochs: Annotated[int, Field(ge=1, le=10_000)] = 4
+    max_per_class: Annotated[int, Field(ge=1)] | None = 100
+    #: TPE trials drawn at random before the model-based search starts
+    startup_trials: Annotated[int, Field(ge=1)] = 4
+    space: SearchSpace = Field(default_factory=SearchSpace)
+    pruner: PrunerParams = Field(default_factory=PrunerParams)
+    #: null: a local SQLite file; or a database URL shared by many workers (postgresql://...)
+    storage: str | None = None
+    #: a worker that has not sent a heartbeat for grace_seconds is dead; its trial is retried
+    heartbeat_seconds: Annotated[int, Field(ge=1, le=3600)] = 10
+    grace_seconds: Annotated[int, Field(ge=2, le=86_400)] = 60
+    max_retry: Annotated[int, Field(ge=0, le=100)] = 2
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _space_not_empty(cls, raw: Any) -> Any:
+        # only given values reach this (not the default), so `space: {}` means "nothing"
+        if not raw:
+            raise ValueError(
+                "empty search space: give at least beta: {low: 0.0, high: 1.0} "
+                "(or set tune.enabled: false to train with train.beta)"
+            )
+        return raw
+
+    @field_validator("storage")
+    @classmethod
+    def _check_storage(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if "://" not in value:
+            raise ValueError("must be a database URL such as postgresql://user@host/db or sqlite:///file.db")
+        if urlsplit(value).password:
+            # params.yaml is committed, and DVC copies params into dvc.lock and experiments
+            raise ValueError(
+                "holds a password, and params.yaml is committed: drop it from the URL and use "
+                "PGPASSWORD or ~/.pgpass, or give the whole URL in SYNERMIX_TUNE_STORAGE instead"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> TuneParams:
+        if self.grace_seconds <= self.heartbeat_seconds:
+            raise ValueError(
+                f"grace_seconds ({self.grace_seconds}) must exceed "
+                f"heartbeat_seconds ({self.heartbeat_seconds})"
+            )
+        return self
+
+
 class MlflowParams(_Section):
     #: Overridden by the MLFLOW_TRACKING_URI environment variable when set.
     tracking_uri: str = "sqlite:///mlflow.db"
@@ -247,10 +380,27 @@ class Params(_Section):
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 123
     data: DataParams = Field(default_factory=DataParams)
     validate_: ValidateParams = Field(default_factory=ValidateParams, alias="validate")
+    tune: TuneParams = Field(default_factory=TuneParams)
     train: TrainParams = Field(default_factory=TrainParams)
     mlflow: MlflowParams = Field(default_factory=MlflowParams)
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _tune_fits_train(self) -> Params:
+        if not self.tune.enabled:
+            return self
+        if self.train.method not in ("synermix", "synermix_intra"):
+            raise ValueError(
+                f"tune searches beta, which train.method '{self.train.method}' does not use: "
+                "set train.method to synermix or synermix_intra, or tune.enabled: false"
+            )
+        if self.train.warmup_epochs > self.tune.epochs:
+            raise ValueError(
+                f"tune.epochs ({self.tune.epochs}) is shorter than train.warmup_epochs "
+                f"({self.train.warmup_epochs:g}): trials would never leave warm-up"
+            )
+        return self
 
     @property
     def validate_params(self) -> ValidateParams:
@@ -280,9 +430,13 @@ def _describe(err: dict[str, Any], source: str) -> str:
         hint = f"did you mean '{close[0]}'? " if close else ""
         return f"{source}: unknown key '{key}': {hint}allowed here: {', '.join(allowed)}"
     msg = err["msg"].removeprefix("Value error, ")
+    if isinstance(value, str) and "://" in value and urlsplit(value).password:
+        value = value.replace(f":{urlsplit(value).password}@", ":***@", 1)  # never echo a password
     shown = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
     if err["type"] == "missing":
         return f"{source}: '{key}' is required"
+    if not loc:  # a check across sections names its keys itself
+        return f"{source}: {msg}"
     return f"{source}: {key} = {shown}: {msg}"
 
 

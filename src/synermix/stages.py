@@ -9,12 +9,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 
-from synermix.config import Params
+import pandas as pd
+from pydantic import ValidationError
+
+from synermix.config import Params, TrainParams
 from synermix.data.manifest import MANIFEST_NAME, class_names, read_manifest, read_quarantine, usable_rows
 from synermix.data.prepare import prepare_dataset, write_summary
-from synermix.errors import CheckFailed
+from synermix.errors import CheckFailed, UserError
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +31,11 @@ MODEL_DIR = Path("models/model")
 TRAIN_CHECKPOINT = Path("checkpoints/train/last.pt")
 TRAIN_HISTORY = Path("reports/train_history.csv")
 TRAIN_METRICS = Path("reports/train.json")
+TUNE_STATE_DIR = Path("checkpoints/tune")
+BEST_PARAMS = Path("tuning/best_params.yaml")
+TUNE_METRICS = Path("reports/tune.json")
+TUNE_REPORT = Path("reports/tune.md")
+TUNE_PLOTS_DIR = Path("reports/tune")
 
 
 def run_prepare(params: Params, root: Path = Path(".")) -> dict:
@@ -77,14 +86,8 @@ def run_validate(params: Params, root: Path = Path(".")):
     return report
 
 
-def run_train(params: Params, root: Path = Path(".")) -> dict:
-    """Train on the usable train split, validate on val, log to MLflow, write the model."""
-    import mlflow
-    import pandas as pd
-
-    from synermix.tracking import flatten, mlflow_run
-    from synermix.training import save_trained_model, train_model
-
+def train_val_rows(params: Params, root: Path) -> tuple[list[str], pd.DataFrame, pd.DataFrame, str]:
+    """Class names, the usable train and val rows, and the manifest's sha256."""
     manifest_path = root / PREPARED_DIR / MANIFEST_NAME
     manifest = read_manifest(manifest_path)
     usable = usable_rows(manifest, read_quarantine(root / QUARANTINE_CSV))
@@ -108,10 +111,73 @@ def run_train(params: Params, root: Path = Path(".")) -> dict:
         raise CheckFailed(
             f"no training images for class(es) {', '.join(missing)}; add images or fix data.classes"
         )
-    manifest_sha = hashlib.sha256(manifest_path.read_bytes()).hexdigest()
+    return names, train_rows, val_rows, hashlib.sha256(manifest_path.read_bytes()).hexdigest()
+
+
+#: the train.* keys that tuning may set (the search space's dimensions)
+TUNABLE = ("beta", "lr", "weight_decay", "mixup_alpha", "inter_method")
+
+
+def apply_tuned(train: TrainParams, best_params: Path) -> tuple[TrainParams, dict]:
+    """train.* with the values the tune stage chose, and what it chose ({} when none).
+
+    Without the file (``synermix train`` run by hand before any tuning) or with
+    ``tuned: false`` (tune.enabled: false), params.yaml's values are used as they are.
+    """
+    import yaml
+
+    if not best_params.is_file():
+        log.info("no %s: training with train.* from params.yaml as it is", best_params)
+        return train, {}
+    try:
+        tuned = yaml.safe_load(best_params.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"{best_params}: not readable YAML ({exc}); rerun the tune stage") from None
+    if not isinstance(tuned, dict) or not isinstance(tuned.get("params", {}), dict):
+        raise UserError(f"{best_params}: expected a mapping with 'params'; rerun the tune stage (dvc repro)")
+    if not tuned.get("tuned"):
+        return train, {}
+    values = tuned.get("params") or {}
+    unknown = sorted(set(values) - set(TUNABLE))
+    if unknown:
+        raise UserError(
+            f"{best_params}: cannot set train.{', train.'.join(unknown)}; tuning sets only "
+            f"{', '.join(TUNABLE)}. Rerun the tune stage (dvc repro)"
+        )
+    try:
+        merged = TrainParams.model_validate({**train.model_dump(), **values})
+    except ValidationError as exc:
+        problem = exc.errors(include_url=False)[0]
+        raise UserError(
+            f"{best_params}: {'.'.join(map(str, problem['loc']))} = {problem.get('input')!r}: "
+            f"{problem['msg']}; rerun the tune stage (dvc repro)"
+        ) from None
+    log.info(
+        "using tuned %s from %s (study %s, trial %s)",
+        ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()),
+        best_params,
+        tuned.get("study"),
+        tuned.get("best_trial"),
+    )
+    origin = {"study": str(tuned.get("study")), "best_trial": str(tuned.get("best_trial"))}
+    return merged, {"params": values, **origin}
+
+
+def run_train(params: Params, root: Path = Path(".")) -> dict:
+    """Train on the usable train split, validate on val, log to MLflow, write the model."""
+    import mlflow
+
+    from synermix.tracking import flatten, mlflow_run
+    from synermix.training import save_trained_model, train_model
+
+    names, train_rows, val_rows, manifest_sha = train_val_rows(params, root)
+    train_params, tuned = apply_tuned(params.train, root / BEST_PARAMS)
 
     with mlflow_run(params.mlflow, "train", {"stage": "train", "manifest_sha256": manifest_sha}) as run:
-        mlflow.log_params(flatten({"seed": params.seed, "train": params.train.model_dump(mode="json")}))
+        mlflow.log_params(flatten({"seed": params.seed, "train": train_params.model_dump(mode="json")}))
+        if tuned:
+            mlflow.log_params({f"tuned.{k}": v for k, v in tuned["params"].items()})
+            mlflow.set_tags({"tuned_by_study": tuned["study"], "tuned_best_trial": tuned["best_trial"]})
         mlflow.log_params(
             {
                 "data.source": params.data.source,
@@ -129,14 +195,14 @@ def run_train(params: Params, root: Path = Path(".")) -> dict:
             val_rows,
             root / PREPARED_DIR,
             names,
-            params.train,
+            train_params,
             params.seed,
             checkpoint_path=root / TRAIN_CHECKPOINT,
             on_epoch_end=log_epoch,
         )
         meta = save_trained_model(
             result,
-            params.train,
+            train_params,
             root / MODEL_DIR,
             {
                 "mlflow_run_id": run.info.run_id,
@@ -145,6 +211,7 @@ def run_train(params: Params, root: Path = Path(".")) -> dict:
                 # prepare may already have resized (data.image_size) before the model's own
                 # resize; inference from raw photos must repeat both steps to match training
                 "prepare_image_size": params.data.image_size,
+                "tuned": tuned or None,
             },
         )
         history = pd.DataFrame(result.history)
@@ -172,5 +239,230 @@ def run_train(params: Params, root: Path = Path(".")) -> dict:
         majority,
         final["val_macro_recall"],
         MODEL_DIR,
+    )
+    return metrics
+
+
+def _write_untuned(params: Params, root: Path) -> dict:
+    """tune.enabled: false: record that train uses params.yaml's train.* unchanged."""
+    import yaml
+
+    note = "tune.enabled is false: train uses train.* from params.yaml"
+    content = {"tuned": False, "reason": note, "params": {}}
+    (root / BEST_PARAMS).parent.mkdir(parents=True, exist_ok=True)
+    (root / BEST_PARAMS).write_text(_BEST_HEADER + yaml.safe_dump(content, sort_keys=False))
+    metrics = {"trials": 0}
+    (root / TUNE_METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
+    (root / TUNE_REPORT).write_text(f"# Tuning\n\nNo search: {note}.\n")
+    from synermix.tune_report import write_tables
+
+    empty = pd.DataFrame(columns=["trial", "state", "value", "last_reported", "beta", "worker", "seconds"])
+    write_tables(root / TUNE_PLOTS_DIR, empty, pd.DataFrame(columns=["trial", "value", "best_so_far"]), {})
+    log.info(note)
+    return metrics
+
+
+_BEST_HEADER = (
+    "# Written by the tune stage. train uses these values in place of the same keys of\n"
+    "# train.* in params.yaml (see reports/tune.md for the search behind them).\n"
+)
+
+
+def _tune_mlflow(params: Params, study: str, manifest_sha: str) -> tuple:
+    """The MLflow client, experiment id and the study's parent run (found or created)."""
+    from mlflow.tracking import MlflowClient
+
+    from synermix.tracking import experiment_id, tracking_uri, tune_parent_run
+
+    experiment = experiment_id(params.mlflow)
+    client = MlflowClient(tracking_uri(params.mlflow))
+    return client, experiment, tune_parent_run(client, experiment, study, {"manifest_sha256": manifest_sha})
+
+
+def run_tune(params: Params, root: Path = Path("."), worker: bool = False, wait_seconds: float = 120) -> dict:
+    """Search beta (and the knobs in tune.space) with Optuna; write the best values for train.
+
+    ``worker=True`` joins a study another ``run_tune`` created (same data and params,
+    shared ``tune.storage``), runs trials until the budget is used up and writes nothing.
+    """
+    from mlflow.entities import Param
+
+    from synermix import tuning
+    from synermix.tracking import MlflowTrialLogger, flatten, tracking_uri
+    from synermix.training import load_training_data
+
+    tune = params.tune
+    if not tune.enabled:
+        if worker:
+            raise UserError("tune.enabled is false: there is no study to work on")
+        return _write_untuned(params, root)
+    names, train_rows, val_rows, manifest_sha = train_val_rows(params, root)
+    trial_rows = tuning.cap_train_rows(train_rows, tune.max_per_class, params.seed)
+    base = tuning.trial_base(params.train, tune)
+    image_root = root / PREPARED_DIR
+    name = tuning.study_name(image_root, trial_rows, val_rows, names, params.seed, base, tune)
+    state_dir = root / TUNE_STATE_DIR
+    state_dir.mkdir(parents=True, exist_ok=True)
+    url = tuning.storage_url(tune, state_dir / "optuna.db")
+    storage = tuning.open_storage(url, tune)
+    if not worker:
+        client, experiment, parent = _tune_mlflow(params, name, manifest_sha)
+        _drop_other_studies_checkpoints(state_dir / "trials", keep=name)
+    elif not url.startswith("sqlite") and tracking_uri(params.mlflow).startswith("sqlite"):
+        log.warning(
+            "this worker shares a database study but logs to a local MLflow store (%s): its trials "
+            "join the tuning run only if MLFLOW_TRACKING_URI points at the same server everywhere",
+            tracking_uri(params.mlflow),
+        )
+    study = _open_study(storage, name, params, url, create=not worker, wait_seconds=wait_seconds)
+    budget_note = (
+        f"Short trials: {tune.epochs} epochs on "
+        + (f"at most {tune.max_per_class} training images per class " if tune.max_per_class else "all ")
+        + f"({len(trial_rows)} of {len(train_rows)} images); train then uses train.epochs on all "
+        f"{len(train_rows)}."
+    )
+    if not worker and "description" not in study.user_attrs:
+        study.set_user_attr("description", budget_note)
+        study.set_user_attr("objective", tune.objective)
+        study.set_user_attr("manifest_sha256", manifest_sha)
+    log.info(
+        "study %s in %s: %d trial(s) wanted, objective %s; %s",
+        name,
+        tuning.redact(url),
+        tune.n_trials,
+        tune.objective,
+        budget_note,
+    )
+    # a complete study (a rerun for a param that changes nothing here) needs no images
+    done = tuning.BudgetState.of(study.get_trials(deepcopy=False))
+    complete = done.counted >= tune.n_trials and not done.running
+    data = None if complete else load_training_data(trial_rows, val_rows, image_root, names, base)
+    tuner = tuning.Tuner(study, tune, base, params.seed, names, data, state_dir / "trials" / name)
+
+    if worker:  # the main stage created the MLflow store and the parent run before the study
+        client, experiment, parent = _tune_mlflow(params, name, manifest_sha)
+    trial_logger = MlflowTrialLogger(client, experiment, parent, tuner.histories, tune.objective)
+    if not worker:
+        # params are write-once in MLflow: log the settings a resumed study has not seen yet;
+        # the budget (it may grow) and the storage URL (it may hold a password) become tags
+        existing = client.get_run(parent).data.params
+        settings = flatten({"seed": params.seed, "tune": tune.model_dump(mode="json")})
+        budget = ("tune.n_trials", "tune.timeout_minutes", "tune.storage")
+        fresh = [Param(k, str(v)) for k, v in settings.items() if k not in existing and k not in budget]
+        client.log_batch(parent, params=fresh)
+        client.set_tag(parent, "n_trials", str(tune.n_trials))
+        client.set_tag(parent, "storage", tuning.redact(url))
+
+    state = done if complete else tuner.run([trial_logger], wait_for_others=not worker)
+    if worker:
+        log.info("worker done: %d of %d trials counted in study %s", state.counted, tune.n_trials, name)
+        return {"trials": state.counted}
+    if not state.waiting and not state.running:  # no retry left to resume from a checkpoint
+        shutil.rmtree(state_dir / "trials" / name, ignore_errors=True)
+    _log_missing_trial_runs(study, client, experiment, parent, trial_logger)
+    return _write_tune_outputs(params, root, study, client, parent, budget_note, len(trial_rows))
+
+
+def _open_study(storage, name: str, params: Params, url: str, create: bool, wait_seconds: float):
+    """Create (or load) the study; a worker (``create=False``) waits for it to appear."""
+    import time
+
+    from synermix import tuning
+
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            return tuning.open_study(storage, name, params.seed, params.tune, create=create)
+        except KeyError:
+            if time.monotonic() > deadline:
+                raise UserError(
+                    f"no study {name} in {tuning.redact(url)} after {wait_seconds:g} s: start the main "
+                    "tune (dvc repro or synermix tune) first, with the same data and params here "
+                    "(the study name hashes both)"
+                ) from None
+            time.sleep(0.5)
+
+
+def _drop_other_studies_checkpoints(trials_dir: Path, keep: str) -> None:
+    """Trial checkpoints of other studies can never resume (their study is not this one)."""
+    if trials_dir.is_dir():
+        for folder in trials_dir.iterdir():
+            if folder.is_dir() and folder.name != keep:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def _log_missing_trial_runs(study, client, experiment: str, parent: str, trial_logger) -> None:
+    """Child runs for finished trials that got none: a dead worker's trial (failed later by
+    the heartbeat check) or a crashed one (Optuna runs callbacks only for trials it ends)."""
+    from optuna.trial import TrialState
+
+    runs = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent}'", max_results=50_000)
+    logged = {r.data.tags.get("optuna_trial") for r in runs}
+    for trial in study.get_trials(deepcopy=False):
+        if str(trial.number) not in logged and trial.state not in (TrialState.RUNNING, TrialState.WAITING):
+            trial_logger(study, trial)
+
+
+def _write_tune_outputs(
+    params: Params, root: Path, study, client, parent: str, budget_note: str, trial_images: int
+) -> dict:
+    """best_params.yaml, the tables, tune.md and tune.json; the same and the plots to MLflow."""
+    import tempfile
+
+    import yaml
+
+    from synermix import tune_report, tuning
+
+    tune = params.tune
+    name = study.study_name
+    all_trials = study.get_trials(deepcopy=False)
+    counted = tuning.counted_trials(all_trials, tune.n_trials)
+    last = counted[-1].number if counted else max((t.number for t in all_trials), default=-1)
+    table = tune_report.trials_table([t for t in all_trials if t.number <= last], tune.space)
+    history = tune_report.history_table(counted)
+    best = tuning.best_trial(counted)
+    if best is None:
+        tune_report.write_tables(root / TUNE_PLOTS_DIR, table, history, {})
+        states = table["state"].value_counts().to_dict()
+        raise CheckFailed(
+            f"no trial of study {name} completed ({states}): widen tune.space, relax tune.pruner "
+            f"or raise tune.n_trials; the trials are in {TUNE_PLOTS_DIR / 'trials.csv'}"
+        )
+    importances = tune_report.param_importances(counted, params.seed)
+    metrics = tune_report.summary_metrics(counted, best, tune.epochs)
+    paths = tune_report.write_tables(root / TUNE_PLOTS_DIR, table, history, importances)
+    # only what train needs: a larger budget that finds no better trial leaves the file, and
+    # so the trained model, unchanged (counts and values are in reports/tune.json)
+    best_content = {"tuned": True, "study": name, "best_trial": best.number, "params": dict(best.params)}
+    metrics["trial_images"] = trial_images
+    (root / BEST_PARAMS).parent.mkdir(parents=True, exist_ok=True)
+    (root / BEST_PARAMS).write_text(_BEST_HEADER + yaml.safe_dump(best_content, sort_keys=False))
+    (root / TUNE_METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
+    report = tune_report.render_markdown(
+        name, tune.objective, metrics, best.params, table, importances, budget_note
+    )
+    (root / TUNE_REPORT).write_text(report)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        figures = tune_report.write_figures(Path(tmp), table, history, importances, tune.objective)
+        for figure in figures:
+            client.log_artifact(parent, str(figure), artifact_path="plots")
+    for path in (*paths.values(), root / BEST_PARAMS, root / TUNE_REPORT):
+        client.log_artifact(parent, str(path), artifact_path="tune")
+    for key, value in metrics.items():
+        client.log_metric(parent, key, float(value))
+    for key, value in best.params.items():
+        client.set_tag(parent, f"best.{key}", str(value))
+    client.set_terminated(parent, "FINISHED")
+    log.info(
+        "best %s %.4f in trial %d: %s; %d of %d epochs run (%s); best values in %s",
+        tune.objective,
+        best.value,
+        best.number,
+        ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items()),
+        metrics["epochs_spent"],
+        metrics["epochs_without_pruning"],
+        "pruner " + tune.pruner.kind,
+        BEST_PARAMS,
     )
     return metrics

@@ -116,20 +116,25 @@ def _restore_rng(state, sampler, loader_generator, mix_rng) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def train_model(
+@dataclass
+class TrainingData:
+    """The train (two views) and val datasets with the preprocessing fitted on train.
+
+    Built once by :func:`load_training_data`; the tune stage shares one across trials,
+    which differ only in knobs that do not touch the images."""
+
+    train_set: InspectionImages
+    val_set: InspectionImages
+    preprocessing: Preprocessing
+
+
+def load_training_data(
     train_rows: pd.DataFrame,
     val_rows: pd.DataFrame,
     image_root: Path,
     class_names: Sequence[str],
     params: TrainParams,
-    seed: int,
-    checkpoint_path: Path | None = None,
-    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
-) -> TrainingResult:
-    """Train with ``params`` on ``train_rows``, validating on ``val_rows`` after every epoch."""
-    seeds = seeds_for(seed)
-    torch.manual_seed(seeds["torch"])
-    setup = select_device(params.device, params.amp, params.channels_last)
+) -> TrainingData:
     channels = infer_channels(train_rows) if params.channels == "auto" else int(params.channels)
     augmentation = build_augmentation(params.image_size, params.augment)
     common = {"image_size": params.image_size, "channels": channels, "cache": params.cache_images}
@@ -148,6 +153,35 @@ def train_model(
     mean, std = channel_stats(stats_images)
     pre = Preprocessing(image_size=params.image_size, channels=channels, mean=mean, std=std)
     train_set.pre = val_set.pre = pre
+    return TrainingData(train_set, val_set, pre)
+
+
+def train_model(
+    train_rows: pd.DataFrame | None,
+    val_rows: pd.DataFrame | None,
+    image_root: Path | None,
+    class_names: Sequence[str],
+    params: TrainParams,
+    seed: int,
+    checkpoint_path: Path | None = None,
+    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+    data: TrainingData | None = None,
+    on_resume: Callable[[int], None] | None = None,
+) -> TrainingResult:
+    """Train with ``params`` on ``train_rows``, validating on ``val_rows`` after every epoch.
+
+    ``data`` (from :func:`load_training_data` on the same rows and params) skips loading
+    the images again; the rows and root are then not used. ``on_epoch_end`` gets each
+    epoch's row, replayed ones included on resume; an exception it raises (e.g. a pruned
+    trial) stops training after the checkpoint of that epoch is written. ``on_resume``
+    gets the epoch a checkpoint resumes from."""
+    seeds = seeds_for(seed)
+    torch.manual_seed(seeds["torch"])
+    setup = select_device(params.device, params.amp, params.channels_last)
+    if data is None:
+        data = load_training_data(train_rows, val_rows, image_root, class_names, params)
+    train_set, val_set, pre = data.train_set, data.val_set, data.preprocessing
+    channels = pre.channels
 
     sampler = ClassPairBatchSampler(train_set.labels, params.batch_size, seeds["sampler"])
     loader_generator = torch.Generator().manual_seed(seeds["loader"])
@@ -203,6 +237,8 @@ def train_model(
         _restore_rng(checkpoint["rng"], sampler, loader_generator, mix_rng)
         start, history = int(checkpoint["epoch"]), list(checkpoint["history"])
         log.info("resuming from %s after epoch %d of %d", checkpoint_path, start, params.epochs)
+        if on_resume:
+            on_resume(start)
         for row in history:
             if on_epoch_end:
                 on_epoch_end(row)

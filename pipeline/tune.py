@@ -1,0 +1,16 @@
+"""DVC stage `tune`: Optuna search of beta (and tune.space) -> tuning/best_params.yaml + reports."""
+
+from synermix.cli import setup_logging
+from synermix.config import load_params
+from synermix.errors import exit_on_user_error
+from synermix.stages import run_tune
+
+
+@exit_on_user_error
+def main() -> None:
+    setup_logging()
+    run_tune(load_params("params.yaml"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,484 @@
+"""Optuna search over beta and a few training knobs (no MLflow or DVC here).
+
+One *study* per data and search: its name is a hash of the train/val images, the class
+list, the seed, the trial settings, the search space and the training code, so a changed
+dataset or space never mixes with old trials, while a larger ``n_trials`` or time budget
+continues the same study. The storage is a database URL: a local SQLite file by default,
+PostgreSQL when several workers (on one machine or many) share a study.
+
+Budget: a study is done when ``n_trials`` trials are *counted*: complete, pruned, or
+failed for a reason that would repeat (a diverged loss). A trial whose worker died
+(no heartbeat for ``grace_seconds``) or crashed is marked failed and retried with the
+same parameters, up to ``max_retry`` times; its epoch checkpoint lets the retry resume
+where the dead worker stopped. Trials beyond the budget that a race between workers
+starts are stopped at once and marked failed as surplus, never counted.
+
+Determinism: every trial trains with the same ``seed``; the TPE sampler draws trial
+``n`` from randomness seeded by ``(seed, n)`` alone, so the same params and data give
+the same trials on CPU, and two workers never draw the same random start-up points.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pandas as pd
+from optuna.samplers import TPESampler
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from synermix.config import PrunerParams, SearchSpace, TrainParams, TuneParams
+from synermix.data.splits import class_rng
+from synermix.engine import TrainingDiverged
+from synermix.errors import UserError
+from synermix.training import TrainingData, train_model
+
+log = logging.getLogger(__name__)
+
+STUDY_PREFIX = "synermix-tune-"
+#: user attrs a trial carries
+ATTR_FAIL_REASON = "fail_reason"
+ATTR_SURPLUS = "surplus"
+ATTR_EPOCHS = "epochs_used"
+ATTR_WORKER = "worker"
+ATTR_RESUMED = "resumed_from_epoch"
+#: train params that do not change what a trial computes (left out of the study hash)
+_NOT_RESULT_AFFECTING = ("device", "num_workers", "cache_images")
+#: tune params that set the budget or plumbing, not the trials (left out of the study hash)
+_NOT_TRIAL_AFFECTING = (
+    "enabled",
+    "n_trials",
+    "timeout_minutes",
+    "storage",
+    "heartbeat_seconds",
+    "grace_seconds",
+    "max_retry",
+)
+_CODE = (
+    "tuning.py",  # holds only what trials compute; tables and plots live in tune_report.py
+    "training.py",
+    "engine.py",
+    "mixup.py",
+    "models.py",
+    "choices.py",
+    "data/datasets.py",
+    "data/samplers.py",
+    "data/transforms.py",
+)
+
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+# Optuna's messages (trial finished, pruned) go through the application's logging setup
+optuna.logging.disable_default_handler()
+optuna.logging.enable_propagation()
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def redact(url: str) -> str:
+    """A database URL with its password hidden, for logs and run tags."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy parses: show the scheme only
+        return url.split("://", 1)[0] + "://…"
+
+
+def cap_train_rows(rows: pd.DataFrame, max_per_class: int | None, seed: int) -> pd.DataFrame:
+    """At most ``max_per_class`` training images per class, a seeded choice per class."""
+    if max_per_class is None:
+        return rows
+    kept = []
+    for label, group in rows.sort_values("path").groupby("label", sort=True):
+        if len(group) > max_per_class:
+            order = np.sort(class_rng(seed, f"tune:{label}").permutation(len(group))[:max_per_class])
+            group = group.iloc[order]
+        kept.append(group)
+    return pd.concat(kept).sort_values("path")
+
+
+def trial_base(train: TrainParams, tune: TuneParams) -> TrainParams:
+    """The train params every trial starts from: train.* with the trial's epoch count."""
+    return TrainParams.model_validate({**train.model_dump(), "epochs": tune.epochs})
+
+
+def suggest(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
+    """Draw one point of the search space (the dimension names are the train.* keys)."""
+    values: dict[str, Any] = {}
+    for name in ("beta", "lr", "weight_decay", "mixup_alpha"):
+        dim = getattr(space, name)
+        if dim is not None:
+            values[name] = trial.suggest_float(name, dim.low, dim.high, log=dim.log)
+    if space.inter_method is not None:
+        values["inter_method"] = trial.suggest_categorical("inter_method", list(space.inter_method))
+    return values
+
+
+def with_values(base: TrainParams, values: dict[str, Any]) -> TrainParams:
+    return TrainParams.model_validate({**base.model_dump(), **values})
+
+
+def study_name(
+    image_root: Path,
+    train_rows: pd.DataFrame,
+    val_rows: pd.DataFrame,
+    class_names: Sequence[str],
+    seed: int,
+    base: TrainParams,
+    tune: TuneParams,
+) -> str:
+    """``synermix-tune-<hash>`` of everything that decides what the trials compute."""
+    digest = hashlib.sha256()
+    ignored = {*_NOT_RESULT_AFFECTING, *tune.space.searched()}  # searched: every trial sets its own
+    settings = {
+        "classes": list(class_names),
+        "seed": seed,
+        "train": {k: v for k, v in base.model_dump(mode="json").items() if k not in ignored},
+        "tune": {k: v for k, v in tune.model_dump(mode="json").items() if k not in _NOT_TRIAL_AFFECTING},
+    }
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    for name, rows in (("train", train_rows), ("val", val_rows)):
+        digest.update(name.encode())
+        for path, label in rows.sort_values("path")[["path", "label"]].itertuples(index=False):
+            # the prepared file's bytes: what trials train on (resized by data.image_size)
+            file_hash = hashlib.sha256((image_root / path).read_bytes()).hexdigest()
+            digest.update(f"{path}\t{label}\t{file_hash}\n".encode())
+    package = Path(__file__).parent
+    for name in _CODE:
+        digest.update((package / name).read_bytes())
+    return STUDY_PREFIX + digest.hexdigest()[:16]
+
+
+class TrialSeededTPESampler(TPESampler):
+    """TPE whose random draws for trial ``n`` are seeded by ``(seed, n)`` alone.
+
+    A plain seeded TPESampler carries one random stream through a process: a resumed
+    study or a second worker would then draw different (or, for two workers with one
+    seed, identical) points. Seeding per trial number makes each draw a function of the
+    seed, the trial number and the trials already finished.
+    """
+
+    def __init__(self, seed: int, **kwargs: Any) -> None:
+        super().__init__(seed=seed, **kwargs)
+        self._base_seed = seed
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        trial_seed = int(np.random.SeedSequence([self._base_seed, trial.number]).generate_state(1)[0])
+        self._rng.rng.seed(trial_seed)
+        self._random_sampler._rng.rng.seed(trial_seed)
+        super().before_trial(study, trial)
+
+
+def build_sampler(seed: int, tune: TuneParams) -> TPESampler:
+    # multivariate: lr and beta interact; constant_liar: workers avoid the points that
+    # running trials are already trying
+    return TrialSeededTPESampler(
+        seed, n_startup_trials=tune.startup_trials, multivariate=True, constant_liar=True
+    )
+
+
+def build_pruner(pruner: PrunerParams, epochs: int) -> optuna.pruners.BasePruner:
+    if pruner.kind == "median":
+        # steps are 1-based epochs, and Optuna may prune at step >= n_warmup_steps
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=pruner.startup_trials, n_warmup_steps=pruner.warmup_epochs + 1
+        )
+    if pruner.kind == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=pruner.min_epochs, reduction_factor=pruner.reduction_factor
+        )
+    if pruner.kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=pruner.min_epochs, max_resource=epochs, reduction_factor=pruner.reduction_factor
+        )
+    return optuna.pruners.NopPruner()
+
+
+#: overrides tune.storage, so a URL with a password need not sit in params.yaml
+STORAGE_ENV = "SYNERMIX_TUNE_STORAGE"
+
+
+def storage_url(tune: TuneParams, local_file: Path) -> str:
+    """SYNERMIX_TUNE_STORAGE, else tune.storage, else a SQLite file at ``local_file``."""
+    return os.environ.get(STORAGE_ENV) or tune.storage or f"sqlite:///{local_file.resolve()}"
+
+
+def open_storage(url: str, tune: TuneParams, attempts: int = 4) -> RDBStorage:
+    """An Optuna RDB storage with heartbeats: dead workers' trials are failed and retried."""
+    # SQLite: wait for a lock rather than fail when two local workers write at once
+    sqlite = url.startswith("sqlite")
+    engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if sqlite else {"pool_pre_ping": True}
+    try:
+        for attempt in range(attempts):
+            try:
+                return RDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=tune.heartbeat_seconds,
+                    grace_period=tune.grace_seconds,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=tune.max_retry),
+                )
+            except ImportError:
+                raise
+            except Exception:
+                # workers starting together on an empty database race to create its tables
+                # (PostgreSQL enum types); the loser sees them on its next try
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(1 + attempt)
+        raise AssertionError("unreachable")
+    except ImportError as exc:  # Optuna wraps the driver's ModuleNotFoundError
+        missing = getattr(exc.__cause__, "name", None) or getattr(exc, "name", None) or "?"
+        raise UserError(
+            f"tune.storage {redact(url)}: the database driver '{missing}' is not installed; "
+            "for PostgreSQL use postgresql://… (psycopg 3 is installed with synermix)"
+        ) from None
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"tune.storage {redact(url)}: cannot open the study database ({reason}); "
+            "check the server is running and reachable and the URL, user and password"
+        ) from None
+
+
+def open_study(storage: RDBStorage, name: str, seed: int, tune: TuneParams, create: bool) -> optuna.Study:
+    sampler = build_sampler(seed, tune)
+    pruner = build_pruner(tune.pruner, tune.epochs)
+    if create:
+        return optuna.create_study(
+            study_name=name,
+            storage=storage,
+            sampler=sampler,
+            pruner=pruner,
+            direction="maximize",
+            load_if_exists=True,
+        )
+    return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+
+
+# -- budget --------------------------------------------------------------------------
+
+
+def is_counted(trial: FrozenTrial) -> bool:
+    """Whether a trial uses up one unit of the trial budget."""
+    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        return True
+    return trial.state == TrialState.FAIL and bool(trial.user_attrs.get(ATTR_FAIL_REASON))
+
+
+def counted_trials(trials: Sequence[FrozenTrial], n_trials: int) -> list[FrozenTrial]:
+    """The first ``n_trials`` counted trials by number: the study as this budget sees it
+    (a study extended by a larger budget gives the same answer for the smaller one)."""
+    return [t for t in sorted(trials, key=lambda t: t.number) if is_counted(t)][:n_trials]
+
+
+def seconds_used(trials: Sequence[FrozenTrial]) -> float:
+    total = 0.0
+    for t in trials:
+        if t.datetime_start is not None and t.datetime_complete is not None:
+            total += (t.datetime_complete - t.datetime_start).total_seconds()
+    return total
+
+
+@dataclass
+class BudgetState:
+    counted: int
+    running: int
+    waiting: int
+    seconds: float
+
+    @classmethod
+    def of(cls, trials: Sequence[FrozenTrial]) -> BudgetState:
+        live = [t for t in trials if not t.user_attrs.get(ATTR_SURPLUS)]
+        return cls(
+            counted=sum(is_counted(t) for t in live),
+            running=sum(t.state == TrialState.RUNNING for t in live),
+            waiting=sum(t.state == TrialState.WAITING for t in live),
+            seconds=seconds_used(live),
+        )
+
+
+class _Surplus(Exception):
+    """A trial started after the budget was already taken by other workers."""
+
+
+# -- the objective and the worker loop -------------------------------------------------
+
+
+@dataclass
+class Tuner:
+    """Runs trials of one study: each trains ``base`` with the suggested values."""
+
+    study: optuna.Study
+    tune: TuneParams
+    base: TrainParams
+    seed: int
+    class_names: list[str]
+    data: TrainingData | None  # None only when no trial is left to run
+    checkpoint_dir: Path
+    #: per trial number: the epoch rows of that trial (for reports and MLflow)
+    histories: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+
+    def objective(self, trial: optuna.Trial) -> float:
+        frozen = next(t for t in self.study.get_trials(deepcopy=False) if t.number == trial.number)
+        retry_of = RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
+        if retry_of is None:
+            self._check_not_surplus(trial)
+        values = suggest(trial, self.tune.space)
+        params = with_values(self.base, values)
+        trial.set_user_attr(ATTR_WORKER, worker_id())
+        trial.set_user_attr(ATTR_RESUMED, 0)  # a retry inherits the failed trial's attrs
+        checkpoint = self.checkpoint_dir / f"{_values_key(values)}.pt"
+        history = self.histories.setdefault(trial.number, [])
+        objective = self.tune.objective
+
+        def report(row: dict[str, Any]) -> None:
+            history.append(row)
+            trial.set_user_attr(ATTR_EPOCHS, len(history))
+            trial.report(float(row[objective]), step=int(row["epoch"]))
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after epoch {row['epoch']}")
+
+        log.info(
+            "trial %d%s, budget %d trials: %s",
+            trial.number,
+            f" (retry of trial {retry_of})" if retry_of is not None else "",
+            self.tune.n_trials,
+            ", ".join(f"{k}={_fmt(v)}" for k, v in values.items()),
+        )
+        try:
+            result = train_model(
+                None,
+                None,
+                None,
+                self.class_names,
+                params,
+                self.seed,
+                checkpoint_path=checkpoint,
+                on_epoch_end=report,
+                data=self.data,
+                on_resume=lambda epoch: trial.set_user_attr(ATTR_RESUMED, epoch),
+            )
+        except optuna.TrialPruned:
+            checkpoint.unlink(missing_ok=True)
+            raise
+        except TrainingDiverged as exc:
+            # the same values and seed diverge again: record it, count it, do not retry
+            trial.set_user_attr(ATTR_FAIL_REASON, f"diverged: {exc}")
+            checkpoint.unlink(missing_ok=True)
+            raise
+        except (Exception, KeyboardInterrupt):
+            # a crash or Ctrl-C (Optuna marks the trial failed): queue these values again,
+            # and keep the checkpoint so the retry resumes. Anything else (SystemExit) leaves
+            # the trial running; its heartbeat stops and the stale-trial check retries it.
+            frozen = next(t for t in self.study.get_trials(deepcopy=False) if t.number == trial.number)
+            retried = len(frozen.system_attrs.get("retry_history", []))
+            if retried < self.tune.max_retry:
+                RetryHeartbeatStaleTrialCallback(max_retry=self.tune.max_retry)(self.study, frozen)
+            else:
+                log.error("trial %d failed after %d retries; not retried again", trial.number, retried)
+                checkpoint.unlink(missing_ok=True)
+            raise
+        checkpoint.unlink(missing_ok=True)
+        return float(result.final[objective])
+
+    def _check_not_surplus(self, trial: optuna.Trial) -> None:
+        before = [
+            t
+            for t in self.study.get_trials(deepcopy=False)
+            if t.number < trial.number
+            and not t.user_attrs.get(ATTR_SURPLUS)
+            and (is_counted(t) or t.state in (TrialState.RUNNING, TrialState.WAITING))
+        ]
+        if len(before) >= self.tune.n_trials:
+            trial.set_user_attr(ATTR_SURPLUS, True)
+            raise _Surplus(f"trial {trial.number} is beyond the budget of {self.tune.n_trials}")
+
+    def run(
+        self,
+        callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
+        wait_for_others: bool = True,
+        poll_seconds: float | None = None,
+    ) -> BudgetState:
+        """Run trials until the budget is used up.
+
+        ``wait_for_others``: also wait for trials other workers are running (a dead one's
+        trial is failed after ``grace_seconds`` and retried here), so the study is complete
+        on return. Extra workers return as soon as no trial is left to start."""
+        poll = poll_seconds if poll_seconds is not None else self.tune.heartbeat_seconds
+        limit = self.tune.timeout_minutes * 60 if self.tune.timeout_minutes else None
+        announced = False
+        while True:
+            optuna.storages.fail_stale_trials(self.study)
+            state = BudgetState.of(self.study.get_trials(deepcopy=False))
+            if state.counted >= self.tune.n_trials:
+                return state
+            out_of_time = limit is not None and state.seconds >= limit
+            if not out_of_time and (state.waiting or state.counted + state.running < self.tune.n_trials):
+                announced = False
+                self.study.optimize(
+                    self.objective,
+                    n_trials=1,
+                    catch=(TrainingDiverged, _Surplus),
+                    callbacks=list(callbacks),
+                    gc_after_trial=True,
+                )
+                continue
+            if not (wait_for_others and state.running):
+                if out_of_time:
+                    log.info(
+                        "time budget of %g min used up (%.0f s of trials); %d of %d trials counted",
+                        self.tune.timeout_minutes,
+                        state.seconds,
+                        state.counted,
+                        self.tune.n_trials,
+                    )
+                return state
+            if not announced:
+                announced = True
+                log.info(
+                    "waiting for %d trial(s) running elsewhere (a dead worker's trial is retried "
+                    "after %d s without a heartbeat)",
+                    state.running,
+                    self.tune.grace_seconds,
+                )
+            time.sleep(poll)
+
+
+def _values_key(values: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+# -- results ---------------------------------------------------------------------------
+
+
+def best_trial(trials: Sequence[FrozenTrial]) -> FrozenTrial | None:
+    """The complete trial with the highest value (the lowest number on a tie)."""
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    if not complete:
+        return None
+    return max(complete, key=lambda t: (t.value, -t.number))
+
+
+def state_name(trial: FrozenTrial) -> str:
+    if trial.user_attrs.get(ATTR_SURPLUS):
+        return "surplus"
+    return trial.state.name.lower()

@@ -1,0 +1,421 @@
+"""The tune stage: real Optuna studies (SQLite and PostgreSQL), real training, real MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+import yaml
+from optuna.trial import TrialState, create_trial
+from PIL import Image
+
+from synermix.config import Params, parse_params
+from synermix.errors import CheckFailed, UserError
+from synermix.stages import (
+    BEST_PARAMS,
+    MODEL_DIR,
+    TUNE_METRICS,
+    TUNE_PLOTS_DIR,
+    TUNE_REPORT,
+    TUNE_STATE_DIR,
+    apply_tuned,
+    run_prepare,
+    run_train,
+    run_tune,
+    run_validate,
+)
+from synermix.training import load_trained_model
+from synermix.tuning import (
+    ATTR_FAIL_REASON,
+    ATTR_SURPLUS,
+    BudgetState,
+    cap_train_rows,
+    counted_trials,
+    is_counted,
+    open_storage,
+    study_name,
+    trial_base,
+)
+
+#: columns of trials.csv that must repeat exactly for the same params and data on CPU
+STABLE = ["trial", "state", "value", "last_reported", "beta", "lr", "epochs_used"]
+
+
+def learnable_photos(root: Path, per_class: int = 24) -> Path:
+    """Three classes that differ in brightness and texture, so trials really differ."""
+    rng = np.random.default_rng(7)
+    for k, label in enumerate(("bright", "dark", "striped")):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            base = rng.normal(70 + 60 * (k == 0), 25, size=(24, 24))
+            if label == "striped":
+                base[:, ::4] += 70
+            Image.fromarray(np.clip(base, 10, 245).astype(np.uint8)).save(root / label / f"{i:03d}.png")
+    return root
+
+
+def tune_params(photos: Path, **tune) -> Params:
+    return parse_params(
+        {
+            "data": {"source": f"folder:{photos}"},
+            "train": {"image_size": 16, "batch_size": 16, "warmup_epochs": 0.5, "epochs": 2},
+            "tune": {
+                "n_trials": 6,
+                "epochs": 3,
+                "max_per_class": 12,
+                "startup_trials": 2,
+                "heartbeat_seconds": 1,
+                "grace_seconds": 3,
+                **tune,
+            },
+            "mlflow": {"experiment": "tune-test"},
+        }
+    )
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A prepared and validated project folder; MLflow in a SQLite file inside it."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    photos = learnable_photos(tmp_path / "photos")
+    params = tune_params(photos)
+    run_prepare(params, tmp_path)
+    run_validate(params, tmp_path)
+    return tmp_path, photos
+
+
+def load(root: Path, params: Params) -> optuna.Study:
+    names = optuna.get_all_study_names(f"sqlite:///{root / TUNE_STATE_DIR / 'optuna.db'}")
+    assert len(names) == 1
+    return optuna.load_study(study_name=names[0], storage=f"sqlite:///{root / TUNE_STATE_DIR / 'optuna.db'}")
+
+
+# -- params ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        ({"beta": {"low": -0.1, "high": 1.0}}, "beta range \\[-0.1, 1\\] leaves \\[0, 1\\]"),
+        ({"beta": {"low": 0.0, "high": 1.5}}, "beta range \\[0, 1.5\\] leaves \\[0, 1\\]"),
+        ({}, "tune.space = {}: empty search space"),
+        ({"beta": None}, "empty search space: beta is always searched"),
+        ({"beta": {"low": 0.4, "high": 0.4}}, "tune.space.beta = .*low \\(0.4\\) must be < high"),
+        ({"lr": {"low": 0.0, "high": 0.1, "log": True}}, "log-scale range needs low > 0"),
+        ({"weight_decay": {"low": 0.0, "high": 3.0}}, "train.weight_decay: input should be less than"),
+        ({"inter_method": []}, "give at least one of mixup, manifold_mixup"),
+        ({"inter_method": ["cutmix"]}, "tune.space.inter_method.0 = cutmix"),
+        ({"bta": {"low": 0, "high": 1}}, "unknown key 'tune.space.bta': did you mean 'beta'"),
+    ],
+)
+def test_bad_search_space_is_refused_with_one_clear_line(space, message):
+    with pytest.raises(UserError, match=message) as caught:
+        parse_params({"tune": {"space": space}})
+    assert str(caught.value).startswith("params.yaml: ") and len(str(caught.value).splitlines()) == 1
+
+
+def test_tuning_needs_a_method_that_uses_beta_and_trials_past_warmup():
+    with pytest.raises(UserError, match=r"train.method 'mixup' does not use"):
+        parse_params({"train": {"method": "mixup"}})
+    parse_params({"train": {"method": "mixup"}, "tune": {"enabled": False}})
+    with pytest.raises(UserError, match=r"tune.epochs \(1\) is shorter than train.warmup_epochs \(2\)"):
+        parse_params({"tune": {"epochs": 1}, "train": {"warmup_epochs": 2}})
+    with pytest.raises(UserError, match=r"tune.storage = localhost/db: must be a database URL"):
+        parse_params({"tune": {"storage": "localhost/db"}})
+
+
+def test_unreachable_storage_names_it_without_the_password():
+    tune = parse_params({}).tune
+    with pytest.raises(UserError) as caught:
+        open_storage("postgresql://tuner:s3cret@127.0.0.1:1/study", tune)
+    text = str(caught.value)
+    assert "postgresql://tuner:***@127.0.0.1:1/study" in text and "s3cret" not in text
+    assert "check the server is running" in text
+
+
+# -- pure parts ------------------------------------------------------------------------
+
+
+def _rows(counts: dict[str, int]) -> pd.DataFrame:
+    return pd.DataFrame(
+        [
+            {"path": f"{label}/{i:03d}.png", "label": label, "sha256": f"{label}{i}"}
+            for label, n in counts.items()
+            for i in range(n)
+        ]
+    )
+
+
+def test_per_class_cap_is_seeded_and_keeps_small_classes_whole():
+    rows = _rows({"a": 30, "b": 5})
+    capped = cap_train_rows(rows, 10, seed=1)
+    assert capped["label"].value_counts().to_dict() == {"a": 10, "b": 5}
+    assert capped.equals(cap_train_rows(rows.sample(frac=1, random_state=3), 10, seed=1))
+    assert not capped.equals(cap_train_rows(rows, 10, seed=2))
+    assert cap_train_rows(rows, None, seed=1) is rows
+
+
+def test_study_name_follows_data_and_space_but_not_the_budget(tmp_path):
+    params = parse_params({})
+    base = trial_base(params.train, params.tune)
+    train, val = _rows({"a": 4, "b": 4}), _rows({"a": 2, "b": 2})
+    for path in pd.concat([train, val])["path"]:
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_bytes(path.encode())
+
+    def name_of(train=train, seed=1, base=base, tune=params.tune):
+        return study_name(tmp_path, train, val, ["a", "b"], seed, base, tune)
+
+    name = name_of()
+    assert name.startswith("synermix-tune-")
+    assert name_of(tune=parse_params({"tune": {"n_trials": 50, "timeout_minutes": 5}}).tune) == name
+    # the prepared pixels changed (e.g. another data.image_size): a new study
+    (tmp_path / train["path"].iloc[0]).write_bytes(b"resized")
+    assert name_of() != name
+    (tmp_path / train["path"].iloc[0]).write_bytes(train["path"].iloc[0].encode())
+    assert name_of() == name
+    assert name_of(train=train.iloc[1:]) != name
+    assert name_of(tune=parse_params({"tune": {"space": {"beta": {"low": 0, "high": 0.5}}}}).tune) != name
+    assert name_of(seed=2) != name
+    # train.beta and train.lr are searched: their values in params.yaml do not matter
+    assert name_of(base=base.model_copy(update={"beta": 0.7, "lr": 0.3})) == name
+    assert name_of(base=base.model_copy(update={"momentum": 0.8})) != name
+
+
+def test_budget_counts_complete_pruned_and_diverged_but_not_crashed_or_surplus():
+    dist = {"beta": optuna.distributions.FloatDistribution(0, 1)}
+
+    def trial(state, **attrs):
+        value = 0.5 if state == TrialState.COMPLETE else None
+        return create_trial(
+            state=state, value=value, params={"beta": 0.3}, distributions=dist, user_attrs=attrs
+        )
+
+    trials = [
+        trial(TrialState.COMPLETE),
+        trial(TrialState.PRUNED),
+        trial(TrialState.FAIL, **{ATTR_FAIL_REASON: "diverged: loss is nan"}),
+        trial(TrialState.FAIL),  # a dead worker's trial, retried
+        trial(TrialState.FAIL, **{ATTR_SURPLUS: True}),
+        trial(TrialState.WAITING),
+    ]
+    for number, t in enumerate(trials):
+        t.number = number
+    assert [is_counted(t) for t in trials] == [True, True, True, False, False, False]
+    state = BudgetState.of(trials)
+    assert (state.counted, state.running, state.waiting) == (3, 0, 1)
+    assert [t.number for t in counted_trials(trials, 2)] == [0, 1]
+
+
+# -- the stage -------------------------------------------------------------------------
+
+
+def test_same_seed_gives_the_same_trials_and_pruning_prunes(tmp_path, monkeypatch):
+    tables = []
+    for copy in ("a", "b"):
+        root = tmp_path / copy
+        root.mkdir()
+        monkeypatch.chdir(root)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        halving = {"kind": "successive_halving", "min_epochs": 1, "reduction_factor": 2}
+        params = tune_params(learnable_photos(root / "photos"), pruner=halving)
+        run_prepare(params, root)
+        run_validate(params, root)
+        metrics = run_tune(params, root)
+        tables.append(pd.read_csv(root / TUNE_PLOTS_DIR / "trials.csv"))
+    first, second = tables
+    pd.testing.assert_frame_equal(first[STABLE], second[STABLE])
+    # successive halving (halving at epochs 1, 2, 4, ...) stopped trials at its rungs
+    pruned = first[first["state"] == "pruned"]
+    assert len(pruned) >= 1 and pruned["epochs_used"].isin([1, 2]).all()
+    assert metrics["trials"] == 6 and metrics["epochs_spent"] < metrics["epochs_without_pruning"]
+    assert metrics["trials_complete"] + metrics["trials_pruned"] == 6
+    assert first["beta"].between(0, 1).all() and first["lr"].between(0.01, 0.2).all()
+
+
+def test_tune_writes_best_params_that_train_uses_and_logs_every_trial(project):
+    import mlflow
+
+    root, photos = project
+    params = tune_params(photos)
+    metrics = run_tune(params, root)
+
+    best = yaml.safe_load((root / BEST_PARAMS).read_text())
+    assert best["tuned"] is True and set(best["params"]) == {"beta", "lr"}
+    table = pd.read_csv(root / TUNE_PLOTS_DIR / "trials.csv")
+    winner = table.loc[table["trial"] == best["best_trial"]].iloc[0]
+    assert winner["state"] == "complete" and winner["value"] == pytest.approx(table["value"].max())
+    assert json.loads((root / TUNE_METRICS).read_text()) == metrics
+    assert (metrics["epochs_per_trial"], metrics["trial_images"]) == (3, 36)
+    assert metrics["best_value"] == pytest.approx(winner["value"], abs=1e-6)
+    report = (root / TUNE_REPORT).read_text()
+    assert "Short trials: 3 epochs on at most 12 training images per class (36 of" in report
+    assert "the test split is never used" in report
+    history = pd.read_csv(root / TUNE_PLOTS_DIR / "history.csv")
+    assert history["best_so_far"].dropna().is_monotonic_increasing
+    importances = pd.read_csv(root / TUNE_PLOTS_DIR / "importances.csv")
+    assert set(importances["param"]) == {"beta", "lr"} and importances["importance"].sum() == pytest.approx(1)
+
+    # the test split never reached tuning: the study saw only train and val images
+    study = load(root, params)
+    assert "manifest_sha256" in study.user_attrs
+
+    run_train(params, root)
+    _, meta = load_trained_model(root / MODEL_DIR)
+    assert meta["beta"] == best["params"]["beta"] and meta["tuned"]["study"] == best["study"]
+
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("tune-test").experiment_id
+    parents = client.search_runs([experiment], "tags.synermix_role = 'tune'")
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.data.tags["optuna_study"] == best["study"] and parent.info.status == "FINISHED"
+    children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(int(r.data.tags["optuna_trial"]) for r in children) == list(range(6))
+    child = next(r for r in children if r.data.tags["optuna_trial"] == str(best["best_trial"]))
+    assert float(child.data.params["beta"]) == pytest.approx(best["params"]["beta"])
+    assert child.data.metrics["value"] == pytest.approx(metrics["best_value"], abs=1e-6)
+    assert [m.step for m in client.get_metric_history(child.info.run_id, "val_accuracy")] == [1, 2, 3]
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    figures = {"beta_vs_objective.png", "optimisation_history.png", "param_importances.png"}
+    assert plots == {f"plots/{name}" for name in figures}
+    train_run = client.get_run(meta["mlflow_run_id"])
+    assert float(train_run.data.params["train.beta"]) == pytest.approx(best["params"]["beta"])
+
+    # a rerun finds the study complete: no new trial, the same best values
+    again = run_tune(params, root)
+    assert again == metrics and len(load(root, params).trials) == 6
+    # a larger budget continues the same study
+    more = run_tune(tune_params(photos, n_trials=7), root)
+    assert more["trials"] == 7 and len(load(root, params).trials) == 7
+
+
+def test_disabled_tuning_leaves_train_params_as_written(project):
+    root, photos = project
+    params = tune_params(photos, enabled=False)
+    run_tune(params, root)
+    assert yaml.safe_load((root / BEST_PARAMS).read_text())["tuned"] is False
+    train, tuned = apply_tuned(params.train, root / BEST_PARAMS)
+    assert train == params.train and tuned == {}
+
+
+def test_a_damaged_best_params_file_is_refused(tmp_path):
+    train = parse_params({}).train
+    path = tmp_path / "best_params.yaml"
+    path.write_text("tuned: true\nparams: {arch: resnet50}\n")
+    with pytest.raises(UserError, match=r"cannot set train.arch"):
+        apply_tuned(train, path)
+    path.write_text("tuned: true\nparams: {beta: 2.0}\n")
+    with pytest.raises(UserError, match=r"beta = 2.0: Input should be less than or equal to 1"):
+        apply_tuned(train, path)
+    assert apply_tuned(train, tmp_path / "missing.yaml") == (train, {})
+
+
+def test_no_completed_trial_fails_with_the_states(project, monkeypatch):
+    root, photos = project
+    params = tune_params(photos, n_trials=1)
+    from synermix import tuning
+
+    def always_pruned(self, trial):
+        raise optuna.TrialPruned()
+
+    monkeypatch.setattr(tuning.Tuner, "objective", always_pruned)
+    with pytest.raises(CheckFailed, match=r"no trial of study .* completed \({'pruned': 1}\)"):
+        run_tune(params, root)
+
+
+def _write_params_file(root: Path, params: Params) -> Path:
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params.model_dump(mode="json", by_alias=True)))
+    return path
+
+
+def _tune_process(root: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "synermix.cli", "tune", *extra],
+        cwd=root,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_kill_during_a_trial_then_resume_keeps_finished_trials_and_the_budget(project):
+    root, photos = project
+    params = tune_params(photos, n_trials=4, epochs=4, pruner={"kind": "none"})
+    _write_params_file(root, params)
+    storage = f"sqlite:///{root / TUNE_STATE_DIR / 'optuna.db'}"
+    worker = _tune_process(root)
+    victim = None
+    deadline = time.monotonic() + 240
+    while victim is None and time.monotonic() < deadline and worker.poll() is None:
+        time.sleep(0.3)
+        try:
+            study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
+        except (IndexError, KeyError, Exception):
+            continue
+        trials = study.get_trials()
+        done = [t for t in trials if t.state == TrialState.COMPLETE]
+        running = [t for t in trials if t.state == TrialState.RUNNING and len(t.intermediate_values) >= 2]
+        if done and running:
+            victim = running[0]
+    assert victim is not None, worker.stderr.read() if worker.poll() is not None else "no trial reached"
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    finished_before = {
+        t.number: (t.params, t.value) for t in study.get_trials() if t.state == TrialState.COMPLETE
+    }
+
+    metrics = run_tune(params, root)  # waits out the dead worker's heartbeat, then retries its trial
+
+    study = load(root, params)
+    trials = {t.number: t for t in study.get_trials()}
+    for number, (values, value) in finished_before.items():
+        assert (trials[number].params, trials[number].value) == (values, value)
+    assert trials[victim.number].state == TrialState.FAIL
+    retries = [t for t in trials.values() if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retries) == 1 and retries[0].params == victim.params
+    assert retries[0].state == TrialState.COMPLETE
+    assert retries[0].user_attrs["resumed_from_epoch"] >= 2  # from the dead worker's checkpoint
+    assert metrics["trials"] == 4 and sum(is_counted(t) for t in trials.values()) == 4
+    table = pd.read_csv(root / TUNE_PLOTS_DIR / "trials.csv")
+    assert table.loc[table["trial"] == victim.number, "state"].item() == "fail"
+    assert table.loc[table["trial"] == retries[0].number, "retry_of"].item() == victim.number
+    assert not list((root / TUNE_STATE_DIR / "trials").rglob("*.pt"))  # checkpoints cleaned up
+
+
+def test_two_workers_share_one_study_on_postgresql(project, postgres_url):
+    root, photos = project
+    params = tune_params(photos, n_trials=8, epochs=3, storage=postgres_url, pruner={"kind": "none"})
+    _write_params_file(root, params)
+    # the helper starts first and waits for the study, so both are up when trials begin
+    helper = _tune_process(root, "--worker", "--wait", "120")
+    time.sleep(2)
+    main = _tune_process(root)
+    main_err = main.communicate(timeout=420)[1]
+    helper_err = helper.communicate(timeout=120)[1]
+    assert main.returncode == 0, main_err[-3000:]
+    assert helper.returncode == 0, helper_err[-3000:]
+
+    (name,) = optuna.get_all_study_names(postgres_url)
+    trials = optuna.load_study(study_name=name, storage=postgres_url).get_trials()
+    assert sum(is_counted(t) for t in trials) == 8  # the budget, not one trial more
+    assert not [t for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get(ATTR_SURPLUS)]
+    workers = {t.user_attrs["worker"] for t in trials if is_counted(t)}
+    assert len(workers) == 2, workers  # both processes ran trials
+    assert len({json.dumps(t.params, sort_keys=True) for t in trials if is_counted(t)}) == 8
+    best = yaml.safe_load((root / BEST_PARAMS).read_text())
+    assert best["study"] == name and json.loads((root / TUNE_METRICS).read_text())["trials"] == 8
