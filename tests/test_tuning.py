@@ -227,7 +227,7 @@ def test_same_seed_gives_the_same_trials_and_pruning_prunes(tmp_path, monkeypatc
         root.mkdir()
         monkeypatch.chdir(root)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        halving = {"kind": "successive_halving", "min_epochs": 1, "reduction_factor": 2}
+        halving = {"kind": "successive_halving", "min_epochs": 1, "reduction_factor": 3}
         params = tune_params(learnable_photos(root / "photos"), pruner=halving)
         run_prepare(params, root)
         run_validate(params, root)
@@ -235,9 +235,9 @@ def test_same_seed_gives_the_same_trials_and_pruning_prunes(tmp_path, monkeypatc
         tables.append(pd.read_csv(root / TUNE_PLOTS_DIR / "trials.csv"))
     first, second = tables
     pd.testing.assert_frame_equal(first[STABLE], second[STABLE])
-    # successive halving (halving at epochs 1, 2, 4, ...) stopped trials at its rungs
+    # successive halving (rungs at epochs 1 and 3) stopped trials at its rungs, some early
     pruned = first[first["state"] == "pruned"]
-    assert len(pruned) >= 1 and pruned["epochs_used"].isin([1, 2]).all()
+    assert (pruned["epochs_used"] < 3).any() and pruned["epochs_used"].isin([1, 3]).all()
     assert metrics["trials"] == 6 and metrics["epochs_spent"] < metrics["epochs_without_pruning"]
     assert metrics["trials_complete"] + metrics["trials_pruned"] == 6
     assert first["beta"].between(0, 1).all() and first["lr"].between(0.01, 0.2).all()
