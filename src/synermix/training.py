@@ -59,7 +59,7 @@ class TrainingResult:
 
 
 #: The modules whose code decides what a training run computes.
-_TRAINING_CODE = (
+TRAINING_CODE = (
     "training.py",
     "engine.py",
     "mixup.py",
@@ -81,7 +81,7 @@ def run_fingerprint(
         json.dumps([params.model_dump(mode="json"), seed, list(class_names)], sort_keys=True).encode()
     )
     package = Path(__file__).parent
-    for name in _TRAINING_CODE:
+    for name in TRAINING_CODE:
         digest.update((package / name).read_bytes())
     for dataset in datasets:
         dataset.update_digest(digest)

@@ -43,7 +43,7 @@ from synermix.config import PrunerParams, SearchSpace, TrainParams, TuneParams
 from synermix.data.splits import class_rng
 from synermix.engine import TrainingDiverged
 from synermix.errors import UserError
-from synermix.training import TrainingData, train_model
+from synermix.training import TRAINING_CODE, TrainingData, train_model
 
 log = logging.getLogger(__name__)
 
@@ -66,17 +66,8 @@ _NOT_TRIAL_AFFECTING = (
     "grace_seconds",
     "max_retry",
 )
-_CODE = (
-    "tuning.py",  # holds only what trials compute; tables and plots live in tune_report.py
-    "training.py",
-    "engine.py",
-    "mixup.py",
-    "models.py",
-    "choices.py",
-    "data/datasets.py",
-    "data/samplers.py",
-    "data/transforms.py",
-)
+#: tuning.py holds only what trials compute (tables and plots live in tune_report.py)
+_CODE = ("tuning.py", *TRAINING_CODE)
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 # Optuna's messages (trial finished, pruned) go through the application's logging setup
