@@ -1,7 +1,7 @@
 """``synermix``: the commands a person runs by hand.
 
 ``synermix params`` checks params.yaml and prints the resolved values;
-``synermix prepare`` / ``validate`` / ``tune`` / ``train`` run one stage outside DVC (DVC
+``synermix prepare`` / ``validate`` / ``tune`` / ``train`` / ``evaluate`` run one stage outside DVC (DVC
 runs the same code through ``pipeline/``); ``synermix tune --worker`` adds a worker to a
 running study.
 """
@@ -51,6 +51,10 @@ def _parser() -> argparse.ArgumentParser:
         help="with --worker: how long to wait for the study to appear (default 120)",
     )
     sub.add_parser("train", help="run the train stage (SynerMix training, logged to MLflow)")
+    sub.add_parser(
+        "evaluate",
+        help="run the evaluate stage (test metrics, gates, champion comparison); exit 1 when a gate fails",
+    )
     return parser
 
 
@@ -78,6 +82,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from synermix.stages import run_train
 
         run_train(params)
+    elif args.command == "evaluate":
+        from synermix.stages import run_evaluate
+
+        run_evaluate(params)
     return 0
 
 

@@ -9,6 +9,7 @@ stage reads ``params.yaml`` any other way.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -361,6 +362,76 @@ class TuneParams(_Section):
         return self
 
 
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+#: Test metrics the champion gate can compare (names as in reports/evaluation.json).
+CHAMPION_METRICS = ("accuracy", "macro_recall", "macro_f1", "recall_min")
+
+
+class EvaluateParams(_Section):
+    """How the evaluate stage scores the model (the gates are in :class:`GateParams`)."""
+
+    batch_size: Annotated[int, Field(ge=1, le=8192)] = 256
+    #: equal-width confidence bins of the expected calibration error
+    calibration_bins: Annotated[int, Field(ge=1, le=100)] = 15
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: wrongly classified test images listed by name in reports/evaluation.md
+    max_listed_errors: Annotated[int, Field(ge=0)] = 20
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class ChampionGate(_Section):
+    """Challenger against the model holding ``alias`` in the registry, on the same test images."""
+
+    enabled: bool = True
+    alias: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_-]+$")] = "production"
+    #: metric -> largest allowed drop (challenger below champion), e.g. {accuracy: 0.01}
+    max_drop: dict[Literal[CHAMPION_METRICS], Fraction] = Field(
+        default_factory=lambda: {"accuracy": 0.02, "macro_recall": 0.02}
+    )
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+    @model_validator(mode="after")
+    def _something_to_compare(self) -> ChampionGate:
+        if self.enabled and not self.max_drop:
+            raise ValueError("max_drop is empty: name at least one metric, or set enabled: false")
+        return self
+
+
+class GateParams(_Section):
+    """Release gates on the test split; each threshold null switches that gate off."""
+
+    #: false: report every gate but never fail the stage
+    enforce: bool = True
+    min_accuracy: Fraction | None = 0.5
+    min_macro_recall: Fraction | None = 0.4
+    #: the lowest per-class recall (the class the model misses most)
+    min_class_recall: Fraction | None = 0.2
+    #: max - min of per-class recall
+    max_recall_spread: Fraction | None = 0.6
+    #: mean over classes of W_c / T (see metrics.feature_geometry); 1 = no class structure
+    max_intra_class_variance: Annotated[float, Field(gt=0, le=100)] | None = 1.0
+    champion: ChampionGate = Field(default_factory=ChampionGate)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class RegistryParams(_Section):
+    #: the MLflow registered model this pipeline's versions belong to
+    model_name: str = "synermix"
+
+    @field_validator("model_name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}", value):
+            raise ValueError(
+                "use letters, digits, '.', '_' and '-' (it becomes part of models:/<name>@<alias>)"
+            )
+        return value
+
+
 class MlflowParams(_Section):
     #: Overridden by the MLFLOW_TRACKING_URI environment variable when set.
     tracking_uri: str = "sqlite:///mlflow.db"
@@ -382,6 +453,9 @@ class Params(_Section):
     validate_: ValidateParams = Field(default_factory=ValidateParams, alias="validate")
     tune: TuneParams = Field(default_factory=TuneParams)
     train: TrainParams = Field(default_factory=TrainParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    gates: GateParams = Field(default_factory=GateParams)
+    registry: RegistryParams = Field(default_factory=RegistryParams)
     mlflow: MlflowParams = Field(default_factory=MlflowParams)
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
@@ -421,7 +495,7 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
 
 
 def _describe(err: dict[str, Any], source: str) -> str:
-    loc = tuple(err["loc"])
+    loc = tuple(p for p in err["loc"] if p != "[key]")  # pydantic appends "[key]" for a bad dict key
     key = ".".join(str(p) for p in loc) or "(top level)"
     value = err.get("input")
     if err["type"] == "extra_forbidden":

@@ -51,18 +51,21 @@ class DeviceSetup:
         return x
 
 
-def select_device(preference: str = "auto", amp: bool = True, channels_last: bool = True) -> DeviceSetup:
+def select_device(
+    preference: str = "auto", amp: bool = True, channels_last: bool = True, purpose: str = "training"
+) -> DeviceSetup:
     """CUDA (bf16 autocast where supported, else fp16; channels_last) when present, else CPU fp32."""
     if preference == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device is 'cuda' but no CUDA device is visible; set train.device: auto")
+        key = "train.device" if purpose == "training" else "evaluate.device"
+        raise UserError(f"{key} is 'cuda' but no CUDA device is visible; set {key}: auto")
     if preference in ("auto", "cuda") and torch.cuda.is_available():
         device = torch.device("cuda")
         dtype = None
         if amp:
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        log.info("training on %s (%s), amp=%s", device, torch.cuda.get_device_name(0), dtype)
+        log.info("%s on %s (%s), amp=%s", purpose, device, torch.cuda.get_device_name(0), dtype)
         return DeviceSetup(device, dtype, channels_last)
-    log.info("training on CPU, %d threads, fp32", torch.get_num_threads())
+    log.info("%s on CPU, %d threads, fp32", purpose, torch.get_num_threads())
     return DeviceSetup(torch.device("cpu"), None, False)
 
 

@@ -51,13 +51,18 @@ def git_state() -> dict[str, str]:
     return {"git_commit": commit.strip(), "git_dirty": str(bool(dirty.strip())).lower()}
 
 
+def quiet_mlflow_logs() -> None:
+    """MLflow and alembic log every schema step at INFO; keep only their warnings."""
+    for noisy in ("mlflow", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
 @contextmanager
 def mlflow_run(params: MlflowParams, run_name: str, tags: Mapping[str, str] | None = None) -> Iterator[Any]:
     """Start (and end) an MLflow run in the configured store and experiment."""
     import mlflow
 
-    for noisy in ("mlflow", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_mlflow_logs()
     mlflow.set_tracking_uri(tracking_uri(params))
     mlflow.set_experiment(params.experiment)
     with mlflow.start_run(run_name=run_name, tags={**git_state(), **(tags or {})}) as run:
@@ -69,8 +74,7 @@ def experiment_id(params: MlflowParams) -> str:
     """The configured experiment's id in the configured store (created when missing)."""
     import mlflow
 
-    for noisy in ("mlflow", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_mlflow_logs()
     mlflow.set_tracking_uri(tracking_uri(params))
     return mlflow.set_experiment(params.experiment).experiment_id
 

@@ -1,0 +1,16 @@
+"""DVC stage `evaluate`: test metrics and release gates -> reports/evaluation*; exit 1 on a failed gate."""
+
+from synermix.cli import setup_logging
+from synermix.config import load_params
+from synermix.errors import exit_on_user_error
+from synermix.stages import run_evaluate
+
+
+@exit_on_user_error
+def main() -> None:
+    setup_logging()
+    run_evaluate(load_params("params.yaml"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,290 @@
+"""The evaluate stage's reports: CSV tables DVC plots, PNG figures, and the verdict page.
+
+Pure rendering from already computed numbers (no MLflow, DVC or model code):
+``reports/evaluation.md`` is written for a quality engineer: the verdict first, then each
+gate with its threshold, observed value and margin, then the numbers behind them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from synermix.gates import GateResult
+from synermix.metrics import project_2d
+
+PREDICTIONS_CSV = "predictions.csv"
+PER_CLASS_CSV = "per_class.csv"
+CALIBRATION_CSV = "calibration.csv"
+FIGURES = ("confusion.png", "per_class.png", "calibration.png", "features_2d.png")
+
+
+def per_class_table(report: Mapping[str, Any]) -> pd.DataFrame:
+    rows = [{"class": name, **values} for name, values in report["per_class"].items()]
+    return pd.DataFrame(
+        rows, columns=["class", "support", "precision", "recall", "f1", "cohesion", "silhouette"]
+    )
+
+
+def write_tables(out_dir: Path, report: Mapping[str, Any], predictions: pd.DataFrame) -> list[Path]:
+    """predictions.csv (confusion plot), per_class.csv (bars), calibration.csv (reliability)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    options = {"index": False, "lineterminator": "\n", "float_format": "%.6g"}
+    paths = [out_dir / PREDICTIONS_CSV, out_dir / PER_CLASS_CSV, out_dir / CALIBRATION_CSV]
+    predictions.to_csv(paths[0], **options)
+    per_class_table(report).to_csv(paths[1], **options)
+    columns = ["bin_low", "bin_high", "images", "confidence", "accuracy"]
+    pd.DataFrame(report["calibration"], columns=columns).to_csv(paths[2], **options)
+    return paths
+
+
+def write_figures(
+    out_dir: Path,
+    report: Mapping[str, Any],
+    class_names: Sequence[str],
+    features: np.ndarray,
+    labels: np.ndarray,
+    correct: np.ndarray,
+) -> list[Path]:
+    """Confusion matrix, per-class bars, reliability diagram, and a 2-D PCA of test features."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    k = len(class_names)
+
+    confusion = np.asarray(report["confusion"])
+    fig, ax = plt.subplots(figsize=(2.5 + 0.9 * k, 2 + 0.8 * k))
+    ax.imshow(confusion, cmap="Blues")
+    for a in range(k):
+        for p in range(k):
+            colour = "white" if confusion[a, p] > confusion.max() / 2 else "black"
+            ax.text(p, a, str(confusion[a, p]), ha="center", va="center", color=colour)
+    ax.set_xticks(range(k), class_names, rotation=30, ha="right")
+    ax.set_yticks(range(k), class_names)
+    ax.set(xlabel="predicted", ylabel="actual", title="confusion matrix (test)")
+    written.append(_save(fig, out_dir / "confusion.png"))
+
+    table = per_class_table(report)
+    fig, ax = plt.subplots(figsize=(7, 1.5 + 0.6 * k))
+    y = np.arange(k)
+    for offset, column in zip((-0.27, 0, 0.27), ("precision", "recall", "f1"), strict=True):
+        ax.barh(y + offset, table[column].fillna(0), height=0.26, label=column)
+    ax.set_yticks(y, class_names)
+    ax.set(xlim=(0, 1), xlabel="score", title="per-class scores (test)")
+    ax.legend(loc="lower right")
+    written.append(_save(fig, out_dir / "per_class.png"))
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    bins = pd.DataFrame(report["calibration"])
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", label="perfect calibration")
+    if len(bins):
+        ax.plot(bins["confidence"], bins["accuracy"], marker="o", label="model")
+    ece = report.get("ece")
+    title = "reliability (test)" + (f", ECE {ece:.3f}" if ece is not None and not math.isnan(ece) else "")
+    ax.set(xlabel="mean confidence in bin", ylabel="accuracy in bin", xlim=(0, 1), ylim=(0, 1), title=title)
+    ax.legend(loc="upper left")
+    written.append(_save(fig, out_dir / "calibration.png"))
+
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    if len(features) >= 2:
+        points, share = project_2d(features)
+        for c, name in enumerate(class_names):
+            mine = labels == c
+            ax.scatter(*points[mine & correct].T, s=14, label=name, alpha=0.8, color=f"C{c}")
+            ax.scatter(*points[mine & ~correct].T, s=26, marker="x", color=f"C{c}")
+        ax.set(xlabel=f"PC 1 ({share[0]:.0%} of variance)", ylabel=f"PC 2 ({share[1]:.0%})")
+        ax.legend(title="class (x: misclassified)", fontsize="small")
+    ax.set_title("penultimate features of the test images (PCA)")
+    written.append(_save(fig, out_dir / "features_2d.png"))
+    plt.close("all")
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    return path
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _gate_rows(results: Sequence[GateResult]) -> list[str]:
+    lines = ["| gate | what it checks | rule | observed | margin | result |", "|---|---|---|---:|---:|---|"]
+    for r in results:
+        rule = f"{r.metric} {r.rule} {r.threshold:.4f}" if r.threshold is not None else "-"
+        margin = "-" if r.margin is None else f"{r.margin:+.4f}"
+        result = {"pass": "pass", "FAIL": "**FAIL**", "skipped": "skipped"}[r.status]
+        note = f" ({r.note})" if r.note else ""
+        lines.append(f"| {r.gate} | {r.about} | {rule} | {_num(r.observed)} | {margin} | {result}{note} |")
+    return lines
+
+
+def render_markdown(
+    *,
+    passed: bool,
+    enforced: bool,
+    gates: Sequence[GateResult],
+    test: Mapping[str, Any],
+    val: Mapping[str, Any] | None,
+    class_names: Sequence[str],
+    model: Mapping[str, Any],
+    champion: Mapping[str, Any],
+    errors: pd.DataFrame,
+    max_listed_errors: int,
+    calibration_bins: int,
+) -> str:
+    """reports/evaluation.md: verdict, gates, champion, metrics, per class, confusion, formulas."""
+    failed = [g.gate for g in gates if g.passed is False]
+    if passed:
+        head = "PASSED: every gate is met"
+    elif enforced:
+        head = f"FAILED: {', '.join(failed)}"
+    else:
+        head = f"FAILED (reported only, gates.enforce is false): {', '.join(failed)}"
+    lines = [
+        f"# Evaluation: {head}",
+        "",
+        f"Model `{model['arch']}` trained with {model['method']}"
+        + (f" (beta {model['beta']:.4g})" if model.get("beta") else "")
+        + f", weights sha256 `{model['weights_sha256'][:16]}`, "
+        f"training run `{model.get('mlflow_run_id', '')}`.",
+        f"Scored on the **test split**: {test['images']} images of {len(class_names)} classes, "
+        "never seen by training or tuning.",
+        "",
+        "## Gates",
+        "",
+        *_gate_rows(gates),
+        "",
+        "Margin: how far inside the limit the model is (negative: outside). Thresholds come from "
+        "`gates:` in params.yaml.",
+        "",
+        "## Champion",
+        "",
+    ]
+    if champion.get("version"):
+        lines += [
+            f"Compared with {champion['label']}, training run `{champion.get('run_id', '')}`, "
+            f"scored now on the same {test['images']} test images:",
+            "",
+            "| metric | champion | this model | change |",
+            "|---|---:|---:|---:|",
+        ]
+        for metric in ("accuracy", "macro_recall", "macro_f1", "recall_min"):
+            ours, theirs = test.get(metric), champion["metrics"].get(metric)
+            change = "n/a" if ours is None or theirs is None else f"{ours - theirs:+.4f}"
+            lines.append(f"| {metric} | {_num(theirs)} | {_num(ours)} | {change} |")
+        paired = champion.get("paired")
+        if paired:
+            lines += [
+                "",
+                f"Paired on the same images: {paired['only_challenger_right']} right only by this model, "
+                f"{paired['only_champion_right']} right only by the champion; exact McNemar p = "
+                f"{paired['p_value']:.4g} (small p: the accuracy difference is unlikely to be chance).",
+            ]
+    else:
+        lines.append(champion.get("note", "No champion comparison."))
+    lines += [
+        "",
+        "## Metrics" + (" (test; val for comparison)" if val else " (test)"),
+        "",
+        "| metric | test | " + ("val |" if val else ""),
+        "|---|---:|" + ("---:|" if val else ""),
+    ]
+    headline = (
+        ("accuracy", "accuracy"),
+        ("accuracy, 95 % interval (Wilson)", "accuracy_ci95"),
+        ("balanced accuracy (macro recall)", "macro_recall"),
+        ("macro precision", "macro_precision"),
+        ("macro F1", "macro_f1"),
+        ("lowest class recall", "recall_min"),
+        ("per-class recall std", "recall_std"),
+        ("per-class recall spread (max - min)", "recall_spread"),
+        ("expected calibration error", "ece"),
+        ("intra-class variance (mean W_c / T)", "intra_class_variance"),
+        ("within-class fraction S_W / T", "within_fraction"),
+        ("Fisher ratio S_B / S_W", "fisher_ratio"),
+        ("nearest centroids / sqrt(T)", "centroid_distance_min_normalised"),
+        ("silhouette", "silhouette"),
+    )
+
+    def cell(report: Mapping[str, Any], key: str) -> str:
+        if key == "accuracy_ci95":
+            return f"{_num(report.get(key + '_low'))} – {_num(report.get(key + '_high'))}"
+        return _num(report.get(key))
+
+    for label, key in headline:
+        lines.append(f"| {label} | {cell(test, key)} | " + (f"{cell(val, key)} |" if val else ""))
+    lines += [
+        "",
+        "## Per class (test)",
+        "",
+        "| class | images | precision | recall | F1 | cohesion W_c/T | silhouette |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in class_names:
+        row = test["per_class"][name]
+        lines.append(
+            f"| {name} | {row['support']} | {_num(row['precision'])} | {_num(row['recall'])} | "
+            f"{_num(row['f1'])} | {_num(row['cohesion'])} | {_num(row['silhouette'])} |"
+        )
+    lines += [
+        "",
+        "## Confusion matrix (test; rows: actual, columns: predicted)",
+        "",
+        "| actual \\ predicted | " + " | ".join(class_names) + " |",
+        "|---|" + "---:|" * len(class_names),
+    ]
+    for name, row in zip(class_names, test["confusion"], strict=True):
+        lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
+    lines += ["", f"## Misclassified test images ({len(errors)})", ""]
+    if len(errors):
+        shown = errors.sort_values("confidence", ascending=False).head(max_listed_errors)
+        lines += [
+            "Most confident mistakes first:",
+            "",
+            "| image | actual | predicted | confidence |",
+            "|---|---|---|---:|",
+        ]
+        lines += [
+            f"| {r.path} | {r.actual} | {r.predicted} | {r.confidence:.3f} |" for r in shown.itertuples()
+        ]
+        if len(errors) > len(shown):
+            lines.append(f"\n{len(errors) - len(shown)} more in reports/evaluation/predictions.csv.")
+    else:
+        lines.append("None.")
+    lines += ["", "## How the numbers are computed", "", *(f.format(bins=calibration_bins) for f in FORMULAS)]
+    return "\n".join(lines) + "\n"
+
+
+FORMULAS = [
+    "- recall_c = correct images of class c / images of class c; macro recall (balanced accuracy) is "
+    "their mean over classes; precision_c = correct predictions of c / predictions of c; "
+    "F1_c = 2 P R / (P + R).",
+    "- accuracy interval: Wilson score interval at 95 %: the range of accuracies this test split "
+    "cannot tell apart from the one observed.",
+    "- ECE = sum over {bins} equal-width confidence bins of (images in bin / n) x |accuracy - mean "
+    "confidence| (confidence = the predicted class's softmax probability).",
+    "- Features f are the penultimate layer (input of the final linear layer). mu_c: class centroid, "
+    "mu: global mean. T = mean ||f - mu||^2; W_c = mean over class c of ||f - mu_c||^2; "
+    "intra-class variance = mean over classes of W_c / T (0: each class collapsed to a point; "
+    "1: as spread as the whole split).",
+    "- S_W = sum_c n_c W_c / n, S_B = sum_c n_c ||mu_c - mu||^2 / n (S_W + S_B = T); "
+    "Fisher ratio = S_B / S_W.",
+    "- silhouette of an image = (b - a) / max(a, b): a = mean distance to its own class, "
+    "b = mean distance to the nearest other class; averaged over images (-1 to 1).",
+]

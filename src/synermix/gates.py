@@ -1,0 +1,151 @@
+"""Release gates: thresholds from ``gates:`` in params.yaml checked against test metrics.
+
+Pure (no MLflow, DVC or torch): the evaluate stage, the registry's promotion checks and
+a pilot-line evaluation share it. Each gate yields a :class:`GateResult` with the rule,
+the threshold, the observed value and the margin (positive = inside the limit), so a
+report can show a quality engineer why a model passed or failed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from synermix.config import GateParams
+
+#: (params key, metric in the report, direction, what it measures)
+THRESHOLD_GATES = (
+    ("min_accuracy", "accuracy", ">=", "share of test images classified correctly"),
+    ("min_macro_recall", "macro_recall", ">=", "mean per-class recall (balanced accuracy)"),
+    ("min_class_recall", "recall_min", ">=", "recall of the class the model misses most"),
+    ("max_recall_spread", "recall_spread", "<=", "highest minus lowest per-class recall"),
+    (
+        "max_intra_class_variance",
+        "intra_class_variance",
+        "<=",
+        "mean per-class feature variance / total variance",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """One gate's outcome. ``passed`` is None when the gate did not run (off, or no champion)."""
+
+    gate: str
+    metric: str
+    rule: str  # ">=" or "<="
+    threshold: float | None
+    observed: float | None
+    passed: bool | None
+    about: str = ""
+    note: str = ""
+
+    @property
+    def margin(self) -> float | None:
+        """How far inside the limit (negative: how far outside)."""
+        if self.threshold is None or self.observed is None or math.isnan(self.observed):
+            return None
+        if self.rule == ">=":
+            return self.observed - self.threshold
+        return self.threshold - self.observed
+
+    @property
+    def status(self) -> str:
+        return {True: "pass", False: "FAIL", None: "skipped"}[self.passed]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "margin": self.margin, "status": self.status}
+
+
+def _compare(observed: float | None, rule: str, threshold: float) -> bool:
+    if observed is None or math.isnan(observed):
+        return False  # a metric that could not be measured cannot vouch for the model
+    # a rounding hair below the limit is still at the limit
+    if rule == ">=":
+        return observed >= threshold - 1e-12
+    return observed <= threshold + 1e-12
+
+
+def threshold_gates(
+    metrics: Mapping[str, Any], gates: GateParams, class_names: Sequence[str]
+) -> list[GateResult]:
+    """The fixed thresholds against ``metrics`` (one split's report: accuracy, recall_min...)."""
+    results = []
+    for key, metric, rule, about in THRESHOLD_GATES:
+        threshold = getattr(gates, key)
+        observed = metrics.get(metric)
+        observed = None if observed is None else float(observed)
+        note = ""
+        if metric == "recall_min" and metrics.get("worst_class", -1) >= 0:
+            note = f"worst class: {class_names[metrics['worst_class']]}"
+        if observed is not None and math.isnan(observed):
+            note = "not measurable on this split"
+        if threshold is None:
+            results.append(GateResult(key, metric, rule, None, observed, None, about, "off (null in params)"))
+            continue
+        results.append(
+            GateResult(
+                key, metric, rule, threshold, observed, _compare(observed, rule, threshold), about, note
+            )
+        )
+    return results
+
+
+def champion_gates(
+    challenger: Mapping[str, Any],
+    champion: Mapping[str, Any] | None,
+    gates: GateParams,
+    champion_label: str,
+    skip_reason: str = "",
+) -> list[GateResult]:
+    """No drop beyond ``gates.champion.max_drop[m]`` against the champion, per metric ``m``.
+
+    The rule is ``challenger[m] >= champion[m] - max_drop[m]``; both must come from the
+    same test images. Without a champion (``champion`` None) each gate is skipped with
+    ``skip_reason``, which the report shows.
+    """
+    spec = gates.champion
+    if not spec.enabled:
+        return [GateResult("champion", "", ">=", None, None, None, "", "off (gates.champion.enabled: false)")]
+    results = []
+    for metric, drop in spec.max_drop.items():
+        name = f"champion_{metric}"
+        about = f"{metric} at most {drop:g} below the champion ({champion_label or '@' + spec.alias})"
+        observed = challenger.get(metric)
+        observed = None if observed is None else float(observed)
+        if champion is None:
+            results.append(GateResult(name, metric, ">=", None, observed, None, about, skip_reason))
+            continue
+        reference = float(champion[metric])
+        threshold = reference - drop
+        note = f"champion {reference:.4f}"
+        results.append(
+            GateResult(
+                name, metric, ">=", threshold, observed, _compare(observed, ">=", threshold), about, note
+            )
+        )
+    return results
+
+
+def verdict(results: Sequence[GateResult]) -> bool:
+    """True when no gate failed (skipped gates do not fail)."""
+    return all(r.passed is not False for r in results)
+
+
+def format_table(results: Sequence[GateResult]) -> str:
+    """A plain-text table for logs and the error message of a failed stage."""
+    header = ("gate", "rule", "observed", "margin", "result")
+    rows = [header]
+    for r in results:
+        rule = f"{r.metric} {r.rule} {r.threshold:.4f}" if r.threshold is not None else (r.metric or "-")
+        observed = "-" if r.observed is None else f"{r.observed:.4f}"
+        margin = "-" if r.margin is None else f"{r.margin:+.4f}"
+        rows.append((r.gate, rule, observed, margin, r.status + (f" ({r.note})" if r.note else "")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1]
+        for row in rows
+    )

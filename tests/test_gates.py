@@ -1,0 +1,108 @@
+"""Release gates: each passing and failing, switched off, champion comparisons, verdict."""
+
+import math
+
+import pytest
+
+from synermix.gates import THRESHOLD_GATES, champion_gates, format_table, threshold_gates, verdict
+
+NAMES = ["crack", "ok", "scratch"]
+GOOD = {
+    "accuracy": 0.9,
+    "macro_recall": 0.85,
+    "recall_min": 0.7,
+    "worst_class": 2,
+    "recall_spread": 0.2,
+    "intra_class_variance": 0.3,
+}
+
+
+def gates_with(make_params, **values):
+    return make_params(gates=values).gates
+
+
+@pytest.mark.parametrize(("key", "metric", "rule", "_about"), THRESHOLD_GATES)
+def test_each_threshold_gate_passes_at_its_limit_and_fails_beyond(make_params, key, metric, rule, _about):
+    limit = GOOD[metric]
+    at_limit = {r[0]: None for r in THRESHOLD_GATES} | {key: limit}
+    results = threshold_gates(GOOD, gates_with(make_params, **at_limit), NAMES)
+    mine = next(r for r in results if r.gate == key)
+    assert mine.passed is True and mine.margin == pytest.approx(0.0)
+    assert verdict(results)
+
+    beyond = limit + 0.05 if rule == ">=" else limit - 0.05
+    results = threshold_gates(GOOD, gates_with(make_params, **{**at_limit, key: beyond}), NAMES)
+    mine = next(r for r in results if r.gate == key)
+    assert mine.passed is False and mine.margin == pytest.approx(-0.05)
+    assert not verdict(results)
+    assert all(r.passed is None for r in results if r.gate != key)  # the others are off
+
+
+def test_default_gates_report_the_worst_class(make_params):
+    results = threshold_gates(GOOD, make_params().gates, NAMES)
+    worst = next(r for r in results if r.gate == "min_class_recall")
+    assert worst.note == "worst class: scratch" and worst.passed
+
+
+def test_a_metric_that_cannot_be_measured_fails_its_gate(make_params):
+    results = threshold_gates({**GOOD, "intra_class_variance": math.nan}, make_params().gates, NAMES)
+    gate = next(r for r in results if r.gate == "max_intra_class_variance")
+    assert gate.passed is False and gate.margin is None and "not measurable" in gate.note
+
+
+def test_null_switches_a_gate_off(make_params):
+    results = threshold_gates({**GOOD, "accuracy": 0.1}, gates_with(make_params, min_accuracy=None), NAMES)
+    gate = next(r for r in results if r.gate == "min_accuracy")
+    assert gate.passed is None and gate.status == "skipped" and verdict(results)
+
+
+def test_champion_gates_allow_the_configured_drop_only(make_params):
+    gates = make_params(gates={"champion": {"max_drop": {"accuracy": 0.02, "macro_recall": 0.0}}}).gates
+    champion = {"accuracy": 0.91, "macro_recall": 0.85}
+    results = champion_gates(GOOD, champion, gates, "m@production (version 3)")
+    by_name = {r.gate: r for r in results}
+    assert by_name["champion_accuracy"].passed is True  # 0.90 >= 0.91 - 0.02
+    assert by_name["champion_accuracy"].threshold == pytest.approx(0.89)
+    assert by_name["champion_macro_recall"].passed is True  # equal is no drop
+    worse = champion_gates({**GOOD, "macro_recall": 0.84}, champion, gates, "m@production")
+    assert not verdict(worse) and {r.gate for r in worse if r.passed is False} == {"champion_macro_recall"}
+
+
+def test_champion_gates_are_skipped_without_a_champion_or_when_off(make_params):
+    results = champion_gates(GOOD, None, make_params().gates, "", "no version holds @production")
+    assert [r.status for r in results] == ["skipped", "skipped"] and verdict(results)
+    assert results[0].note == "no version holds @production"
+    off = champion_gates(
+        GOOD, {"accuracy": 1.0}, make_params(gates={"champion": {"enabled": False}}).gates, ""
+    )
+    assert len(off) == 1 and off[0].passed is None and "off" in off[0].note
+
+
+def test_table_names_each_gate_and_its_result(make_params):
+    results = threshold_gates({**GOOD, "accuracy": 0.4}, make_params().gates, NAMES)
+    table = format_table(results)
+    assert "min_accuracy" in table and "accuracy >= 0.5000" in table and "-0.1000" in table
+    assert "FAIL" in table.splitlines()[1] and table.count("pass") == 4
+
+
+def test_gate_params_refuse_nonsense(make_params):
+    from synermix.errors import UserError
+
+    with pytest.raises(UserError, match=r"gates\.min_accuracy = 1\.5"):
+        make_params(gates={"min_accuracy": 1.5})
+    with pytest.raises(UserError, match="max_drop is empty"):
+        make_params(gates={"champion": {"max_drop": {}}})
+    with pytest.raises(UserError, match=r"gates\.champion\.max_drop\.acuracy"):
+        make_params(gates={"champion": {"max_drop": {"acuracy": 0.1}}})
+    with pytest.raises(UserError, match=r"registry\.model_name = a/b"):
+        make_params(registry={"model_name": "a/b"})
+
+
+def test_metric_and_gate_code_imports_no_mlflow_dvc_optuna_gx_or_torch():
+    import subprocess
+    import sys
+
+    heavy = ("mlflow", "dvc", "optuna", "great_expectations", "torch")
+    code = f"import sys, synermix.metrics, synermix.gates; print([m for m in {heavy!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
