@@ -114,7 +114,8 @@ def test_dvc_repro_on_real_elpv_subset(project):
     run(["git", "commit", "-qm", "init"], repo, env)
 
     first = run([str(DVC), "repro"], repo, env)
-    assert ran(first.stdout) == {"prepare", "validate", "tune", "train", "evaluate"}
+    everything = {"prepare", "validate", "tune", "train", "evaluate", "export"}
+    assert ran(first.stdout) == everything
     tuned = yaml.safe_load((repo / "tuning/best_params.yaml").read_text())
     assert tuned["tuned"] and json.loads((repo / "reports/tune.json").read_text())["trials"] == 2
     meta = json.loads((repo / "models/model/model.json").read_text())
@@ -130,6 +131,8 @@ def test_dvc_repro_on_real_elpv_subset(project):
     evaluation = json.loads((repo / "reports/evaluation.json").read_text())
     test_images = sum(",test," in line for line in manifest)
     assert evaluation["test"]["images"] == test_images > 0 and evaluation["enforced"] is False
+    exported = json.loads((repo / "reports/export.json").read_text())
+    assert exported["parity"]["passed"] and (repo / "models/onnx/model.onnx").is_file()
 
     again = run([str(DVC), "repro"], repo, env)
     assert ran(again.stdout) == set() and "Data and pipelines are up to date" in again.stdout
@@ -141,44 +144,39 @@ def test_dvc_repro_on_real_elpv_subset(project):
 
     # train.lr is searched: tune reruns but finds its study complete (no new trial)
     set_params(repo, train__lr=0.02)
-    assert ran(run([str(DVC), "repro"], repo, env).stdout) == {"tune", "train", "evaluate"}
+    assert ran(run([str(DVC), "repro"], repo, env).stdout) == {"tune", "train", "evaluate", "export"}
     assert yaml.safe_load((repo / "tuning/best_params.yaml").read_text()) == tuned
 
     # only train.* keys that trials do not use leave tuning alone
     set_params(repo, train__epochs=1)
-    assert ran(run([str(DVC), "repro"], repo, env).stdout) == {"train", "evaluate"}
+    assert ran(run([str(DVC), "repro"], repo, env).stdout) == {"train", "evaluate", "export"}
 
     # a larger trial budget continues the same study by one trial
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "tuned"], repo, env)
     exp = run([str(DVC), "exp", "run", "-S", "tune.n_trials=3"], repo, env)
-    assert {"tune", "train", "evaluate"} <= ran(exp.stdout)
+    assert {"tune", "train", "evaluate", "export"} <= ran(exp.stdout)
     assert json.loads((repo / "reports/tune.json").read_text())["trials"] == 3
     assert "trial 2, budget 3 trials" in exp.stdout + exp.stderr
     assert "trial 0," not in exp.stdout + exp.stderr
 
     # resizing rewrites the images but not the manifest, so validate has nothing new to check
     set_params(repo, data__image_size=48)
-    assert ran(run([str(DVC), "repro"], repo, env).stdout) == {"prepare", "tune", "train", "evaluate"}
+    assert ran(run([str(DVC), "repro"], repo, env).stdout) == everything - {"validate"}
     # the evaluation is a DVC metric: compared with the committed one
     diff = json.loads(run([str(DVC), "metrics", "diff", "--all", "--json"], repo, env).stdout)
     accuracy = diff["reports/evaluation.json"]["test.accuracy"]
     assert accuracy["old"] is not None and accuracy["new"] is not None
 
     set_params(repo, data__max_per_class=14)
-    assert ran(run([str(DVC), "repro"], repo, env).stdout) == {
-        "prepare",
-        "validate",
-        "tune",
-        "train",
-        "evaluate",
-    }
+    assert ran(run([str(DVC), "repro"], repo, env).stdout) == everything
     metrics = json.loads(run([str(DVC), "metrics", "show", "--json"], repo, env).stdout)
     prepared = metrics[""]["data"]["reports/prepare.json"]["data"]
     assert prepared["images"] == 56 and prepared["classes"] == 4
     assert 0 <= metrics[""]["data"]["reports/evaluation.json"]["data"]["test"]["accuracy"] <= 1
 
-    # a gate the model cannot meet: only evaluate reruns, and dvc repro fails with the table
+    # a gate the model cannot meet: only evaluate reruns, dvc repro fails with the table, and
+    # the model is not exported
     set_params(repo, gates__enforce=True, gates__min_accuracy=1.0)
     failed = run([str(DVC), "repro"], repo, env, check=False)
     assert failed.returncode != 0 and ran(failed.stdout) == {"evaluate"}

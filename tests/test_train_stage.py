@@ -80,5 +80,6 @@ def test_undeclared_class_is_left_out_when_its_rule_is_off(tmp_path, stage_param
 def test_cli_has_every_stage():
     from synermix.cli import _parser
 
-    for command in ("params", "prepare", "validate", "tune", "train"):
+    for command in ("params", "prepare", "validate", "tune", "train", "evaluate", "export"):
         assert _parser().parse_args([command]).command == command
+    assert _parser().parse_args(["predict", "photos/"]).paths == ["photos/"]

@@ -1,9 +1,10 @@
 """``synermix``: the commands a person runs by hand.
 
-``synermix params`` checks params.yaml and prints the resolved values;
-``synermix prepare`` / ``validate`` / ``tune`` / ``train`` / ``evaluate`` run one stage outside DVC (DVC
-runs the same code through ``pipeline/``); ``synermix tune --worker`` adds a worker to a
-running study.
+``synermix params`` checks params.yaml and prints the resolved values; ``synermix
+prepare`` / ``validate`` / ``tune`` / ``train`` / ``evaluate`` / ``export`` run one stage
+outside DVC (DVC runs the same code through ``pipeline/``); ``synermix tune --worker``
+adds a worker to a running study; ``synermix predict`` classifies images with an exported
+ONNX model.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from synermix.errors import exit_on_user_error
 def setup_logging(verbose: bool = False) -> None:
     level = logging.DEBUG if verbose or os.environ.get("SYNERMIX_DEBUG") else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("great_expectations", "matplotlib", "PIL"):
+    for noisy in ("great_expectations", "matplotlib", "PIL", "onnxscript", "onnx_ir"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -55,13 +56,96 @@ def _parser() -> argparse.ArgumentParser:
         "evaluate",
         help="run the evaluate stage (test metrics, gates, champion comparison); exit 1 when a gate fails",
     )
+    sub.add_parser("export", help="run the export stage (ONNX + parity check against PyTorch)")
+    predict = sub.add_parser(
+        "predict",
+        help="classify image files or folders with an exported ONNX model (CSV or JSON out)",
+        description="Classify images with an exported ONNX model. Each image gets a row: path, "
+        "status (ok | abstain | error), class, confidence, every class score, and the error "
+        "for files that could not be scored (the batch goes on).",
+    )
+    predict.add_argument("paths", nargs="+", help="image files and/or folders (searched recursively)")
+    predict.add_argument("--model", default="models/onnx/model.onnx", help="ONNX file (default: %(default)s)")
+    predict.add_argument("--out", help="write here (.csv or .json); default: CSV on stdout")
+    predict.add_argument("--format", choices=("csv", "json"), help="default: from --out's suffix, else csv")
+    predict.add_argument(
+        "--abstain",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="mark images whose top class probability is below P as 'abstain' (manual inspection)",
+    )
+    predict.add_argument("--batch-size", type=int, default=32)
+    predict.add_argument("--provider", choices=("auto", "cpu", "cuda", "tensorrt"), default="auto")
+    predict.add_argument(
+        "--max-pixels", type=int, default=40_000_000, help="decompression-bomb guard (default: %(default)s)"
+    )
     return parser
+
+
+def _predict(args: argparse.Namespace) -> int:
+    """``synermix predict``: one row per image; unreadable images are rows with an error."""
+    import json
+
+    import pandas as pd
+
+    from synermix.data.images import IMAGE_EXTENSIONS
+    from synermix.errors import UserError
+    from synermix.inference import Classifier, image_files, read_files
+
+    if not 0.0 <= args.abstain <= 1.0:
+        raise UserError(f"--abstain {args.abstain:g}: give a probability between 0 and 1")
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    missing = [p for p in args.paths if not Path(p).exists()]
+    if missing:
+        raise UserError(f"no such file or folder: {', '.join(missing)}")
+    model = Path(args.model)
+    if not model.is_file():
+        raise UserError(f"{model}: no ONNX model there; run the export stage (dvc repro) or pass --model")
+    try:
+        classifier = Classifier(model, provider=args.provider, max_pixels=args.max_pixels)
+    except ValueError as exc:
+        raise UserError(f"{model}: {exc}") from None
+    files = image_files(args.paths)
+    if not files:
+        raise UserError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {', '.join(args.paths)}")
+    results = classifier.predict(read_files(files), batch_size=args.batch_size, abstain_below=args.abstain)
+    rows = [r.to_row(classifier.class_names) for r in results]
+    fmt = args.format or ("json" if args.out and args.out.lower().endswith(".json") else "csv")
+    if fmt == "json":
+        text = json.dumps(
+            {"model": str(model), "provider": classifier.provider, "predictions": rows}, indent=2
+        )
+    else:
+        text = pd.DataFrame(rows).to_csv(index=False, lineterminator="\n")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text if text.endswith("\n") else text + "\n")
+    else:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    counts = {s: sum(r.status == s for r in results) for s in ("ok", "abstain", "error")}
+    logging.getLogger("synermix.predict").info(
+        "%d image(s): %d classified, %d abstained, %d could not be scored (provider %s)",
+        len(results),
+        counts["ok"],
+        counts["abstain"],
+        counts["error"],
+        classifier.provider,
+    )
+    for r in results:
+        if r.status == "error":
+            logging.getLogger("synermix.predict").warning("%s: %s", r.path, r.error)
+    return 0
 
 
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(args.verbose)
+    if args.command == "predict":  # needs the model file only, not params.yaml
+        return _predict(args)
     params = load_params(Path(args.params))
     if args.command == "params":
         dumped = params.model_dump(mode="json", by_alias=True)
@@ -86,6 +170,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from synermix.stages import run_evaluate
 
         run_evaluate(params)
+    elif args.command == "export":
+        from synermix.stages import run_export
+
+        run_export(params)
     return 0
 
 

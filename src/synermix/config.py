@@ -418,6 +418,25 @@ class GateParams(_Section):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
 
 
+class ExportParams(_Section):
+    """ONNX export, its parity check against PyTorch, and optional FP16 / INT8 variants."""
+
+    #: dynamo: torch.export-based (torch 2.x default); torchscript: the legacy tracer
+    exporter: Literal["dynamo", "torchscript"] = "dynamo"
+    opset: Annotated[int, Field(ge=17, le=23)] = 18
+    #: validation images run through both runtimes (from file bytes)
+    parity_images: Annotated[int, Field(ge=1)] = 256
+    parity_max_abs_diff: Annotated[float, Field(gt=0, le=1)] = 1e-4
+    #: FP16 for GPU lines and static INT8 (calibrated on seeded training images); each is
+    #: refused when its test-split accuracy is more than max_accuracy_drop below FP32 ONNX
+    fp16: bool = False
+    int8: bool = False
+    calibration_images: Annotated[int, Field(ge=1, le=100_000)] = 256
+    max_accuracy_drop: Fraction = 0.01
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
 class RegistryParams(_Section):
     #: the MLflow registered model this pipeline's versions belong to
     model_name: str = "synermix"
@@ -455,6 +474,7 @@ class Params(_Section):
     train: TrainParams = Field(default_factory=TrainParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     gates: GateParams = Field(default_factory=GateParams)
+    export: ExportParams = Field(default_factory=ExportParams)
     registry: RegistryParams = Field(default_factory=RegistryParams)
     mlflow: MlflowParams = Field(default_factory=MlflowParams)
 

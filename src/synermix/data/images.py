@@ -98,6 +98,25 @@ def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
     return image.resize(new, Image.Resampling.BILINEAR)
 
 
+def fit_square(image: Image.Image, size: int, channels: int) -> np.ndarray:
+    """The model's view of a canonical image: ``size x size x channels`` uint8 pixels.
+
+    Grey (``channels=1``) or RGB, shorter side scaled to ``size`` (bilinear, no reducing
+    gap), then the centre ``size x size`` square. Training (from the prepared PNGs) and
+    inference (from file bytes, :mod:`synermix.inference`) both call this, so they see the
+    same pixels.
+    """
+    image = image.convert("L" if channels == 1 else "RGB")
+    width, height = image.size
+    scale = size / min(width, height)
+    new = (max(size, round(width * scale)), max(size, round(height * scale)))
+    if new != image.size:
+        image = image.resize(new, Image.Resampling.BILINEAR, reducing_gap=None)
+    left, top = (new[0] - size) // 2, (new[1] - size) // 2
+    image = image.crop((left, top, left + size, top + size))
+    return np.asarray(image, dtype=np.uint8).reshape(size, size, channels)
+
+
 def inspect_image(data: bytes, max_pixels: int) -> ImageInfo:
     """Decode ``data`` (a whole image file) without trusting it.
 

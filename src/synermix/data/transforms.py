@@ -19,6 +19,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from synermix.data.images import fit_square
+
 RESIZE_POLICY = "shorter_side_bilinear_center_crop"
 
 
@@ -50,16 +52,8 @@ class Preprocessing:
 def load_resized(path, image_size: int, channels: int) -> torch.Tensor:
     """Decode a file to a ``channels x image_size x image_size`` uint8 tensor."""
     with Image.open(path) as image:
-        image = image.convert("L" if channels == 1 else "RGB")
-        width, height = image.size
-        scale = image_size / min(width, height)
-        size = (max(image_size, round(width * scale)), max(image_size, round(height * scale)))
-        if size != image.size:
-            image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=None)
-        left, top = (size[0] - image_size) // 2, (size[1] - image_size) // 2
-        image = image.crop((left, top, left + image_size, top + image_size))
-        tensor = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    return tensor.view(image_size, image_size, channels).permute(2, 0, 1).contiguous()
+        pixels = fit_square(image, image_size, channels)
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous()
 
 
 def normalize(x: torch.Tensor, pre: Preprocessing) -> torch.Tensor:

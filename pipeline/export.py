@@ -1,0 +1,16 @@
+"""DVC stage `export`: models/model -> models/onnx/model.onnx, parity-checked against PyTorch."""
+
+from synermix.cli import setup_logging
+from synermix.config import load_params
+from synermix.errors import exit_on_user_error
+from synermix.stages import run_export
+
+
+@exit_on_user_error
+def main() -> None:
+    setup_logging()
+    run_export(load_params("params.yaml"))
+
+
+if __name__ == "__main__":
+    main()

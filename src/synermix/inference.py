@@ -1,0 +1,280 @@
+"""Running an exported model with onnxruntime: self-describing, provider-checked, batched.
+
+Everything needed to run a model comes from the ONNX file: class names and the
+production preprocessing are in its metadata (written by :mod:`synermix.onnx_export`),
+so a line machine needs this module, numpy, Pillow and onnxruntime, not torch or the
+training code. Preprocessing from file bytes: safe decode with a decompression-bomb guard,
+EXIF orientation, canonical grey/RGB (as ``prepare``), the prepare-time resize when the
+model was trained on resized images, then the model's own resize, centre crop and
+normalisation (:func:`synermix.data.images.fit_square`, shared with training).
+
+Provider choice is checked after the session exists: onnxruntime-gpu lists CUDA as
+*available* even on a machine without a GPU and then silently runs on CPU, so the
+provider really used is read back from ``session.get_providers()``, logged, and a
+fall-back from a requested GPU provider is reported as a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from synermix.data.images import IMAGE_EXTENSIONS, fit_square, inspect_image, resize_shorter_side
+
+log = logging.getLogger(__name__)
+
+#: metadata key holding the JSON description of the model (see onnx_export.model_metadata)
+METADATA_KEY = "synermix"
+METADATA_VERSION = 1
+#: default decompression-bomb guard for images sent to a model (as data.max_pixels)
+DEFAULT_MAX_PIXELS = 40_000_000
+
+_PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+PROVIDER_CHOICES = ("auto", *_PROVIDERS)
+
+
+class BadImage(ValueError):
+    """An input image that cannot be scored; ``str()`` is the reason."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What an ONNX file says about itself."""
+
+    class_names: list[str]
+    image_size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resize: str
+    prepare_image_size: int | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_metadata(cls, custom: dict[str, str]) -> ModelInfo:
+        if METADATA_KEY not in custom:
+            raise ValueError(
+                f"the model has no '{METADATA_KEY}' metadata: export it with the export stage "
+                "(dvc repro) so it carries its class names and preprocessing"
+            )
+        data = json.loads(custom[METADATA_KEY])
+        if data.get("format_version") != METADATA_VERSION:
+            raise ValueError(
+                f"model metadata version {data.get('format_version')} (this code reads {METADATA_VERSION})"
+            )
+        pre = data["preprocessing"]
+        return cls(
+            class_names=list(data["class_names"]),
+            image_size=int(pre["image_size"]),
+            channels=int(pre["channels"]),
+            mean=tuple(float(v) for v in pre["mean"]),
+            std=tuple(float(v) for v in pre["std"]),
+            resize=str(pre["resize"]),
+            prepare_image_size=data.get("prepare_image_size"),
+            extra={k: v for k, v in data.items() if k not in ("class_names", "preprocessing")},
+        )
+
+
+class Preprocessor:
+    """File bytes -> the model's normalised float32 ``C x H x W`` input."""
+
+    def __init__(self, info: ModelInfo, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        if info.resize != "shorter_side_bilinear_center_crop":
+            raise ValueError(f"unknown resize policy {info.resize!r} in the model metadata")
+        self.info = info
+        self.max_pixels = max_pixels
+        self.mean = np.asarray(info.mean, dtype=np.float32).reshape(-1, 1, 1)
+        self.std = np.asarray(info.std, dtype=np.float32).reshape(-1, 1, 1)
+
+    def pixels(self, data: bytes) -> np.ndarray:
+        """uint8 ``H x W x C`` pixels the model sees (before normalisation)."""
+        decoded = inspect_image(data, self.max_pixels)
+        if not decoded.decodable or decoded.image is None:
+            raise BadImage(decoded.error)
+        image = decoded.image
+        if self.info.prepare_image_size:
+            image = resize_shorter_side(image, int(self.info.prepare_image_size))
+        return fit_square(image, self.info.image_size, self.info.channels)
+
+    def __call__(self, data: bytes) -> np.ndarray:
+        chw = self.pixels(data).transpose(2, 0, 1).astype(np.float32)
+        return (chw / np.float32(255.0) - self.mean) / self.std
+
+
+def _gpu_present() -> bool:
+    """An NVIDIA device node exists (Linux), so CUDA is worth asking for."""
+    import glob
+
+    return bool(glob.glob("/dev/nvidia[0-9]*"))
+
+
+def make_session(path: str | Path, provider: str = "auto", threads: int | None = None) -> tuple[Any, str]:
+    """An onnxruntime session and the provider it really runs on.
+
+    ``auto`` asks for CUDA when this build offers it and a GPU is present, else CPU; ``cuda`` and
+    ``tensorrt`` ask for those first (TensorRT only when asked: it builds engines at start).
+    A GPU provider that was asked for but not taken is logged as a warning (the session
+    still works, on CPU).
+    """
+    import onnxruntime as ort
+
+    if provider not in PROVIDER_CHOICES:
+        raise ValueError(f"provider must be one of {', '.join(PROVIDER_CHOICES)}, not {provider!r}")
+    available = ort.get_available_providers()
+    if provider == "auto":
+        # onnxruntime-gpu offers CUDA on any machine; without a GPU, asking only prints errors
+        wanted = _PROVIDERS["cuda"] if _gpu_present() else _PROVIDERS["cpu"]
+    else:
+        wanted = _PROVIDERS[provider]
+    asked = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # onnxruntime's own provider warnings: we report the outcome
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), sess_options=options, providers=asked)
+    used = session.get_providers()[0]
+    if provider != "cpu" and used == "CPUExecutionProvider" and asked[0] != "CPUExecutionProvider":
+        log.warning(
+            "asked onnxruntime for %s but the session runs on %s (no usable GPU or CUDA libraries)",
+            asked[0],
+            used,
+        )
+    if provider in ("cuda", "tensorrt") and asked[0] == "CPUExecutionProvider":
+        log.warning(
+            "%s was asked for, but this onnxruntime build offers only %s", provider, ", ".join(available)
+        )
+    log.info("onnxruntime %s on %s (%s)", ort.__version__, used, Path(path).name)
+    return session, used
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's result: ``status`` ok | abstain | error."""
+
+    path: str
+    status: str
+    label: str = ""
+    confidence: float = math.nan
+    scores: dict[str, float] = field(default_factory=dict)
+    error: str = ""
+
+    def to_row(self, class_names: Sequence[str]) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "path": self.path,
+            "status": self.status,
+            "class": self.label,
+            "confidence": None if math.isnan(self.confidence) else round(self.confidence, 6),
+        }
+        for name in class_names:
+            value = self.scores.get(name)
+            row[f"score_{name}"] = None if value is None else round(value, 6)
+        row["error"] = self.error
+        return row
+
+
+class Classifier:
+    """An exported model, ready to score images."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        provider: str = "auto",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        threads: int | None = None,
+    ) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: no such model file")
+        self.session, self.provider = make_session(self.path, provider, threads)
+        self.info = ModelInfo.from_metadata(self.session.get_modelmeta().custom_metadata_map)
+        self.preprocess = Preprocessor(self.info, max_pixels)
+        self.input_name = self.session.get_inputs()[0].name
+        self.input_type = self.session.get_inputs()[0].type  # tensor(float) or tensor(float16)
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.info.class_names
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """Raw model outputs for a float32 ``N x C x H x W`` batch."""
+        if self.input_type == "tensor(float16)":
+            batch = batch.astype(np.float16)
+        return np.asarray(self.session.run(None, {self.input_name: batch})[0], dtype=np.float64)
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        z = self.logits(batch)
+        z = z - z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=1, keepdims=True)
+
+    def predict(
+        self, items: Iterable[tuple[str, bytes | str]], batch_size: int = 32, abstain_below: float = 0.0
+    ) -> list[Prediction]:
+        """Score ``(name, file bytes)`` pairs in batches; a bad file becomes an error row.
+
+        ``abstain_below``: a top-class probability under this marks the image ``abstain``
+        (for manual inspection) while still reporting its scores. A ``str`` in place of the
+        bytes is the reason the file could not be read.
+        """
+        results: list[Prediction] = []
+        pending: list[tuple[int, str, np.ndarray]] = []
+
+        def flush() -> None:
+            if not pending:
+                return
+            probs = self.probabilities(np.stack([x for _, _, x in pending]))
+            for (slot, name, _), p in zip(pending, probs, strict=True):
+                top = int(p.argmax())
+                status = "abstain" if p[top] < abstain_below else "ok"
+                scores = {c: float(v) for c, v in zip(self.class_names, p, strict=True)}
+                results[slot] = Prediction(name, status, self.class_names[top], float(p[top]), scores)
+            pending.clear()
+
+        for name, data in items:
+            results.append(Prediction(name, "error"))
+            if isinstance(data, str):
+                results[-1] = Prediction(name, "error", error=data)
+                continue
+            try:
+                pending.append((len(results) - 1, name, self.preprocess(data)))
+            except BadImage as exc:
+                results[-1] = Prediction(name, "error", error=str(exc))
+                continue
+            if len(pending) >= batch_size:
+                flush()
+        flush()
+        return results
+
+
+def image_files(paths: Sequence[str | Path]) -> list[Path]:
+    """Files given, and image files (by extension) under folders given, in a stable order."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found.extend(
+                sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            )
+        else:
+            found.append(path)
+    return found
+
+
+def read_files(paths: Iterable[Path]) -> Iterable[tuple[str, bytes | str]]:
+    """``(path, bytes)``, or ``(path, reason)`` for a file that cannot be read."""
+    for path in paths:
+        try:
+            yield str(path), path.read_bytes()
+        except OSError as exc:
+            yield str(path), f"cannot read the file: {exc.strerror or exc}"

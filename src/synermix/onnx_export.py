@@ -1,0 +1,241 @@
+"""ONNX export of a trained model, the parity check against PyTorch, FP16 and INT8 variants.
+
+The exported file is self-contained (no external data) with a dynamic batch axis, a
+pinned opset and the exporter named explicitly (``dynamo``: ``torch.export`` based, the
+default of torch 2.x; ``torchscript``: the legacy tracer). Its metadata carries what a
+line needs to run it without the training code (see :mod:`synermix.inference`).
+No MLflow or DVC here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from synermix.inference import METADATA_KEY, METADATA_VERSION, Classifier
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "image"
+OUTPUT_NAME = "logits"
+
+
+def model_metadata(meta: dict[str, Any], exporter: str, opset: int, **extra: Any) -> dict[str, str]:
+    """ONNX ``metadata_props``: one JSON entry that inference reads, plus readable copies."""
+    pre = meta["preprocessing"]
+    description = {
+        "format_version": METADATA_VERSION,
+        "class_names": list(meta["class_names"]),
+        "preprocessing": pre,
+        "prepare_image_size": meta.get("prepare_image_size"),
+        "arch": meta["arch"],
+        "method": meta.get("method"),
+        "beta": meta.get("beta"),
+        "training_run_id": meta.get("mlflow_run_id", ""),
+        "weights_sha256": meta["weights_sha256"],
+        "manifest_sha256": meta.get("manifest_sha256", ""),
+        "exporter": exporter,
+        "opset": opset,
+        "input": f"{INPUT_NAME}: float32 N x {pre['channels']} x {pre['image_size']} x {pre['image_size']}",
+        "output": f"{OUTPUT_NAME}: N x {len(meta['class_names'])} (softmax gives class probabilities)",
+        **extra,
+    }
+    return {
+        METADATA_KEY: json.dumps(description, sort_keys=True),
+        "class_names": json.dumps(list(meta["class_names"])),
+        "input_size": str(pre["image_size"]),
+        "channels": str(pre["channels"]),
+        "mean": json.dumps(pre["mean"]),
+        "std": json.dumps(pre["std"]),
+        "architecture": meta["arch"],
+        "training_run_id": str(meta.get("mlflow_run_id", "")),
+        "weights_sha256": meta["weights_sha256"],
+    }
+
+
+def set_metadata(proto: onnx.ModelProto, metadata: dict[str, str]) -> None:
+    del proto.metadata_props[:]
+    for key, value in sorted(metadata.items()):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    channels: int,
+    image_size: int,
+    path: Path,
+    exporter: str,
+    opset: int,
+    metadata: dict[str, str],
+) -> onnx.ModelProto:
+    """Write ``model`` to ``path`` as one ONNX file with a dynamic batch axis; check it."""
+    model = model.cpu().eval()
+    example = torch.zeros(2, channels, image_size, image_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "model.onnx"
+        if exporter == "dynamo":
+            torch.onnx.export(
+                model,
+                (example,),
+                str(raw),
+                dynamo=True,
+                opset_version=opset,
+                external_data=False,
+                dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=65536)}},
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                verbose=False,
+            )
+        elif exporter == "torchscript":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "legacy exporter" notices: chosen on purpose
+                torch.onnx.export(
+                    model,
+                    (example,),
+                    str(raw),
+                    dynamo=False,
+                    opset_version=opset,
+                    input_names=[INPUT_NAME],
+                    output_names=[OUTPUT_NAME],
+                    dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                )
+        else:
+            raise ValueError(f"unknown exporter {exporter!r}")
+        proto = onnx.load(str(raw))
+    set_metadata(proto, metadata)
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(path), save_as_external_data=False)
+    log.info(
+        "exported %s with the %s exporter, opset %d: %s", metadata.get("architecture"), exporter, opset, path
+    )
+    return proto
+
+
+@dataclass(frozen=True)
+class Parity:
+    images: int
+    max_abs_diff: float
+    mean_abs_diff: float
+    top1_agreement: float
+    preprocessing_max_abs_diff: float
+
+    def passed(self, tolerance: float) -> bool:
+        return self.max_abs_diff <= tolerance and self.top1_agreement == 1.0
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "images": self.images,
+            "max_abs_diff": self.max_abs_diff,
+            "mean_abs_diff": self.mean_abs_diff,
+            "top1_agreement": self.top1_agreement,
+            "preprocessing_max_abs_diff": self.preprocessing_max_abs_diff,
+        }
+
+
+@torch.no_grad()
+def check_parity(
+    model: torch.nn.Module,
+    classifier: Classifier,
+    files: Sequence[Path],
+    training_view: Sequence[torch.Tensor],
+    batch_size: int = 64,
+) -> Parity:
+    """PyTorch (fp32, CPU) against onnxruntime on real images, from their file bytes.
+
+    Each file goes through the production preprocessing of :mod:`synermix.inference`; the
+    same input feeds both runtimes (logit difference and top-1 agreement). The production
+    input is also compared with ``training_view``, what training made of the same files,
+    so a drift between the two preprocessing paths shows up too.
+    """
+    model = model.cpu().eval()
+    inputs = np.stack([classifier.preprocess(Path(f).read_bytes()) for f in files])
+    pre_diff = float(
+        max((np.abs(inputs[i] - t.numpy()).max() for i, t in enumerate(training_view)), default=0.0)
+    )
+    diffs, agree = [], 0
+    for start in range(0, len(inputs), batch_size):
+        batch = inputs[start : start + batch_size]
+        expected = model(torch.from_numpy(batch)).double().numpy()
+        got = classifier.logits(batch)
+        diffs.append(np.abs(got - expected))
+        agree += int((got.argmax(1) == expected.argmax(1)).sum())
+    diff = np.concatenate(diffs) if diffs else np.zeros((0, 1))
+    return Parity(
+        images=len(inputs),
+        max_abs_diff=float(diff.max()) if diff.size else 0.0,
+        mean_abs_diff=float(diff.mean()) if diff.size else 0.0,
+        top1_agreement=agree / max(len(inputs), 1),
+        preprocessing_max_abs_diff=pre_diff,
+    )
+
+
+def convert_fp16(src: Path, dst: Path) -> None:
+    """Weights and activations in float16, inputs and outputs kept float32 (for GPU lines)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    proto = onnx.load(str(src))
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    graph = OnnxModel(convert_float_to_float16(proto, keep_io_types=True))
+    graph.topological_sort()  # the converter appends its input casts after their users
+    half = graph.model
+    set_metadata(half, {**metadata, "precision": "fp16"})
+    onnx.checker.check_model(half)
+    onnx.save(half, str(dst), save_as_external_data=False)
+
+
+class _Calibration:
+    """onnxruntime's CalibrationDataReader over preprocessed training images."""
+
+    def __init__(self, batches: Sequence[np.ndarray]) -> None:
+        self.batches = iter(batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self.batches, None)
+        return None if batch is None else {INPUT_NAME: batch}
+
+
+def quantize_int8(src: Path, dst: Path, calibration: np.ndarray, batch_size: int = 32) -> None:
+    """Static INT8 (QDQ, per-channel weights) calibrated on ``calibration`` (N x C x H x W)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    metadata = {p.key: p.value for p in onnx.load(str(src)).metadata_props}
+    batches = [calibration[i : i + batch_size] for i in range(0, len(calibration), batch_size)]
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared),
+            str(dst),
+            _Calibration(batches),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+    proto = onnx.load(str(dst))
+    set_metadata(proto, {**metadata, "precision": "int8"})
+    onnx.save(proto, str(dst), save_as_external_data=False)
+
+
+def accuracy(classifier: Classifier, inputs: np.ndarray, labels: np.ndarray, batch_size: int = 64) -> float:
+    """Top-1 accuracy of an ONNX model on preprocessed inputs."""
+    correct = 0
+    for start in range(0, len(inputs), batch_size):
+        pred = classifier.logits(inputs[start : start + batch_size]).argmax(1)
+        correct += int((pred == labels[start : start + batch_size]).sum())
+    return correct / max(len(inputs), 1)

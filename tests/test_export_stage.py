@@ -1,0 +1,130 @@
+"""The export stage on a really trained model: ONNX file, parity, variants, refusals, MLflow."""
+
+import hashlib
+import json
+
+import onnx
+import pytest
+import torch
+
+from synermix.errors import CheckFailed
+from synermix.inference import Classifier, ModelInfo
+from synermix.stages import (
+    EXPORT_DIR,
+    EXPORT_METRICS,
+    MODEL_DIR,
+    ONNX_MODEL,
+    run_evaluate,
+    run_export,
+    run_prepare,
+    run_train,
+)
+
+LAX = {k: None for k in ("min_accuracy", "min_macro_recall", "min_class_recall", "max_recall_spread")}
+
+
+@pytest.fixture
+def project(tmp_path, make_dataset, make_params, monkeypatch):
+    """crack 20, ok 40, scratch 20 images (test split: 3, 6, 3), a trained model and its evaluation."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    root = make_dataset({"crack": 20, "ok": 40, "scratch": 20})
+    raw = {
+        "data": {"source": f"folder:{root}"},
+        "train": {"image_size": 32, "epochs": 1, "batch_size": 16, "warmup_epochs": 0.5},
+        "tune": {"enabled": False},
+        "gates": {**LAX, "max_intra_class_variance": None},
+        "mlflow": {"experiment": "export-test"},
+    }
+    params = make_params(**raw)
+    run_prepare(params, tmp_path)
+    run_train(params, tmp_path)
+    run_evaluate(params, tmp_path)
+
+    def with_export(**export):
+        return make_params(**raw, export=export)
+
+    return tmp_path, with_export
+
+
+def test_export_writes_a_checked_self_describing_model_and_variants(project):
+    import mlflow
+
+    root, with_export = project
+    summary = run_export(
+        with_export(fp16=True, int8=True, max_accuracy_drop=1.0, calibration_images=16), root
+    )
+
+    assert json.loads((root / EXPORT_METRICS).read_text()) == summary
+    parity = summary["parity"]
+    assert parity["passed"] and parity["images"] == 12 and parity["top1_agreement"] == 1.0
+    assert parity["max_abs_diff"] <= 1e-4 and parity["preprocessing_max_abs_diff"] == 0.0
+    assert sorted(p.name for p in (root / EXPORT_DIR).iterdir()) == [
+        "model.fp16.onnx",
+        "model.int8.onnx",
+        "model.onnx",
+    ]
+    assert summary["onnx_sha256"] == hashlib.sha256((root / ONNX_MODEL).read_bytes()).hexdigest()
+    assert set(summary["test_accuracy"]) == {"fp32", "fp16", "int8"} and summary["test_images"] == 12
+    assert all(v["accepted"] for v in summary["variants"].values())
+
+    meta = json.loads((root / MODEL_DIR / "model.json").read_text())
+    for name in ("model.onnx", "model.fp16.onnx", "model.int8.onnx"):
+        proto = onnx.load(str(root / EXPORT_DIR / name))
+        info = ModelInfo.from_metadata({p.key: p.value for p in proto.metadata_props})
+        assert info.class_names == meta["class_names"] == ["crack", "ok", "scratch"]
+        assert info.extra["training_run_id"] == meta["mlflow_run_id"]
+        assert info.extra["weights_sha256"] == meta["weights_sha256"] and info.extra["gates_passed"] is True
+    onnx.checker.check_model(onnx.load(str(root / ONNX_MODEL)), full_check=True)
+    assert (
+        Classifier(root / EXPORT_DIR / "model.int8.onnx", provider="cpu").class_names == meta["class_names"]
+    )
+
+    client = mlflow.MlflowClient()
+    [run] = client.search_runs(
+        [client.get_experiment_by_name("export-test").experiment_id], "tags.stage = 'export'"
+    )
+    assert run.data.tags["onnx_sha256"] == summary["onnx_sha256"]
+    assert run.data.metrics["parity_top1_agreement"] == 1.0
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "onnx")} == {
+        "onnx/model.onnx",
+        "onnx/model.fp16.onnx",
+        "onnx/model.int8.onnx",
+    }
+
+
+def test_a_variant_that_loses_accuracy_is_refused(project):
+    root, with_export = project
+    # logits 1000.1 (crack) and 1000.2 (ok): FP32 predicts ok for every image (6 of 12 right);
+    # in FP16 both round to 1000.0, the tie goes to crack (3 of 12): a drop of 0.25
+    weights = root / MODEL_DIR / "weights.pt"
+    state = torch.load(weights, weights_only=True)
+    state["classifier.weight"].zero_()
+    state["classifier.bias"].copy_(torch.tensor([1000.1, 1000.2, 0.0]))
+    torch.save(state, weights)
+    with pytest.raises(
+        CheckFailed, match=r"fp16 variant refused: test accuracy drops 0\.2500 below FP32 ONNX"
+    ):
+        run_export(with_export(fp16=True), root)
+    summary = json.loads((root / EXPORT_METRICS).read_text())
+    assert summary["test_accuracy"] == {"fp32": 0.5, "fp16": 0.25}
+    assert summary["variants"]["fp16"]["accepted"] is False
+    assert not (root / EXPORT_DIR / "model.fp16.onnx").exists() and (root / ONNX_MODEL).is_file()
+
+
+def test_export_refuses_a_model_that_failed_enforced_gates(project):
+    root, with_export = project
+    summary = json.loads((root / "reports/evaluation.json").read_text())
+    (root / "reports/evaluation.json").write_text(json.dumps({**summary, "passed": False, "enforced": True}))
+    with pytest.raises(CheckFailed, match="failed its gates"):
+        run_export(with_export(), root)
+
+
+def test_a_parity_failure_fails_the_stage_after_writing_the_numbers(project):
+    root, with_export = project
+    # no float32 conv library reproduces another bit for bit: a 1e-15 tolerance cannot be met
+    with pytest.raises(CheckFailed, match=r"ONNX parity failed on 12 val images: max \|logit difference\|"):
+        run_export(with_export(parity_max_abs_diff=1e-15, fp16=True), root)
+    summary = json.loads((root / EXPORT_METRICS).read_text())
+    assert summary["parity"]["passed"] is False and summary["parity"]["max_abs_diff"] > 1e-15
+    assert summary["variants"] == {}  # no variant is built from a model that failed parity
