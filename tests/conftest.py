@@ -72,6 +72,30 @@ def make_params() -> Callable[..., Params]:
     return build
 
 
+@pytest.fixture
+def train_project(tmp_path, make_dataset, make_params, monkeypatch):
+    """Factory: a prepared folder dataset (``counts`` images per class) and a model trained
+    on it for one epoch, MLflow in ``tmp_path``; returns the raw params sections used."""
+    from synermix.stages import run_prepare, run_train
+
+    def build(counts: dict[str, int], experiment: str, **sections) -> dict:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+        monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is relative to the working folder
+        raw = {
+            "data": {"source": f"folder:{make_dataset(counts)}"},
+            "train": {"image_size": 32, "epochs": 1, "batch_size": 16, "warmup_epochs": 0.5},
+            "tune": {"enabled": False},
+            "mlflow": {"experiment": experiment},
+            **sections,
+        }
+        params = make_params(**raw)
+        run_prepare(params, tmp_path)
+        run_train(params, tmp_path)
+        return raw
+
+    return build
+
+
 @pytest.fixture(scope="session")
 def postgres_url(tmp_path_factory) -> str:
     """A real PostgreSQL server on loopback for this test session (Debian ``postgresql``).

@@ -23,8 +23,6 @@ from synermix.stages import (
     MODEL_DIR,
     PREPARED_DIR,
     run_evaluate,
-    run_prepare,
-    run_train,
 )
 
 LAX = {  # gates every model passes, so a test can switch on the one it checks
@@ -37,20 +35,9 @@ LAX = {  # gates every model passes, so a test can switch on the one it checks
 
 
 @pytest.fixture
-def trained(tmp_path, make_dataset, make_params, monkeypatch):
+def trained(tmp_path, train_project, make_params):
     """A prepared dataset (crack 40, ok 20, scratch 20 images) and a model trained on it."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.chdir(tmp_path)
-    root = make_dataset({"crack": 40, "ok": 20, "scratch": 20})
-    raw = {
-        "data": {"source": f"folder:{root}"},
-        "train": {"image_size": 32, "epochs": 1, "batch_size": 16, "warmup_epochs": 0.5},
-        "tune": {"enabled": False},
-        "mlflow": {"experiment": "evaluate-test"},
-    }
-    params = make_params(**raw)
-    run_prepare(params, tmp_path)
-    run_train(params, tmp_path)
+    raw = train_project({"crack": 40, "ok": 20, "scratch": 20}, "evaluate-test")
 
     def with_gates(**gates):
         return make_params(**raw, gates={**LAX, **gates})

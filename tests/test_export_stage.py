@@ -16,30 +16,16 @@ from synermix.stages import (
     ONNX_MODEL,
     run_evaluate,
     run_export,
-    run_prepare,
-    run_train,
 )
 
-LAX = {k: None for k in ("min_accuracy", "min_macro_recall", "min_class_recall", "max_recall_spread")}
+from .test_evaluate_stage import LAX
 
 
 @pytest.fixture
-def project(tmp_path, make_dataset, make_params, monkeypatch):
+def project(tmp_path, train_project, make_params):
     """crack 20, ok 40, scratch 20 images (test split: 3, 6, 3), a trained model and its evaluation."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.chdir(tmp_path)
-    root = make_dataset({"crack": 20, "ok": 40, "scratch": 20})
-    raw = {
-        "data": {"source": f"folder:{root}"},
-        "train": {"image_size": 32, "epochs": 1, "batch_size": 16, "warmup_epochs": 0.5},
-        "tune": {"enabled": False},
-        "gates": {**LAX, "max_intra_class_variance": None},
-        "mlflow": {"experiment": "export-test"},
-    }
-    params = make_params(**raw)
-    run_prepare(params, tmp_path)
-    run_train(params, tmp_path)
-    run_evaluate(params, tmp_path)
+    raw = train_project({"crack": 20, "ok": 40, "scratch": 20}, "export-test", gates=LAX)
+    run_evaluate(make_params(**raw), tmp_path)
 
     def with_export(**export):
         return make_params(**raw, export=export)
