@@ -224,6 +224,15 @@ def test_champion_challenger_against_the_registered_production_model(trained):
     assert summary["gates"]["champion_accuracy"]["status"] == "skipped" and summary["champion"] == {}
     assert "synermix@production (version 2) knows classes a, b, c" in (root / EVAL_REPORT).read_text()
 
+    # a production model trained on another manifest had another split: not a fair comparison
+    meta["class_names"] = ["crack", "ok", "scratch"]
+    meta["manifest_sha256"] = "0" * 64
+    (root / "champion" / "model.json").write_text(json.dumps(meta))
+    assert register(root / "champion") == "3"
+    summary = run_evaluate(with_gates(), root)
+    assert summary["gates"]["champion_accuracy"]["status"] == "skipped"
+    assert "(version 3) was trained on another manifest" in (root / EVAL_REPORT).read_text()
+
 
 def test_evaluate_refuses_a_model_trained_on_other_data_or_no_model(trained, tmp_path_factory):
     root, with_gates = trained

@@ -96,6 +96,8 @@ def test_gate_params_refuse_nonsense(make_params):
         make_params(gates={"champion": {"max_drop": {"acuracy": 0.1}}})
     with pytest.raises(UserError, match=r"registry\.model_name = a/b"):
         make_params(registry={"model_name": "a/b"})
+    with pytest.raises(UserError, match="the torchscript exporter supports opset 17-20"):
+        make_params(export={"exporter": "torchscript", "opset": 21})
 
 
 def test_metric_and_gate_code_imports_no_mlflow_dvc_optuna_gx_or_torch():

@@ -101,6 +101,10 @@ def test_production_preprocessing_and_logits_match_training_and_pytorch(which, r
     assert parity.images == 6 and parity.top1_agreement == 1.0
     assert parity.max_abs_diff <= 1e-4 and parity.preprocessing_max_abs_diff == 0.0
     assert parity.passed(1e-4) and not parity.passed(parity.max_abs_diff / 10 if parity.max_abs_diff else -1)
+    drifted = ox.Parity(
+        images=6, max_abs_diff=0.0, mean_abs_diff=0.0, top1_agreement=1.0, preprocessing_max_abs_diff=0.5
+    )
+    assert not drifted.passed(1e-4)  # a preprocessing drift fails parity even when the runtimes agree
 
 
 def test_one_session_takes_batches_of_1_7_and_64(grey_model):
@@ -219,6 +223,9 @@ def test_predict_reports_bad_files_per_file_and_abstains(rgb_model, tmp_path):
     assert missing.returncode == 2 and "no such file or folder" in missing.stderr
     no_model = run_cli("predict", str(inbox), "--model", str(tmp_path / "m.onnx"), cwd=tmp_path)
     assert no_model.returncode == 2 and "no ONNX model there" in no_model.stderr
+    not_onnx = run_cli("predict", str(inbox), "--model", str(inbox / "good.png"), cwd=tmp_path)
+    assert not_onnx.returncode == 2 and "not a model this command can run" in not_onnx.stderr
+    assert "Traceback" not in not_onnx.stderr
 
 
 def test_the_model_file_alone_runs_without_torch_or_the_training_code(grey_model, tmp_path):

@@ -105,8 +105,11 @@ def _predict(args: argparse.Namespace) -> int:
         raise UserError(f"{model}: no ONNX model there; run the export stage (dvc repro) or pass --model")
     try:
         classifier = Classifier(model, provider=args.provider, max_pixels=args.max_pixels)
-    except ValueError as exc:
-        raise UserError(f"{model}: {exc}") from None
+    except Exception as exc:  # onnxruntime raises plain Exception subclasses for a non-ONNX file
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"{model}: not a model this command can run ({reason}); give an exported .onnx"
+        ) from None
     files = image_files(args.paths)
     if not files:
         raise UserError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {', '.join(args.paths)}")

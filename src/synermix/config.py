@@ -436,6 +436,12 @@ class ExportParams(_Section):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
 
+    @model_validator(mode="after")
+    def _opset_for_exporter(self) -> ExportParams:
+        if self.exporter == "torchscript" and self.opset > 20:
+            raise ValueError(f"opset {self.opset}: the torchscript exporter supports opset 17-20; use dynamo")
+        return self
+
 
 class RegistryParams(_Section):
     #: the MLflow registered model this pipeline's versions belong to

@@ -64,9 +64,13 @@ def score_model(
 ) -> Scores:
     """Logits and penultimate features of ``model`` on ``rows`` (labels in ``class_names``).
 
-    Always fp32 (no autocast), so CPU and GPU give the same metrics up to float rounding.
+    Always fp32 (no autocast, no TF32), so CPU and GPU give the same metrics up to float
+    rounding.
     """
     setup = select_device(device, amp=False, channels_last=False, purpose="evaluation")
+    if setup.device.type == "cuda":  # TF32 would round convolutions; evaluation is full fp32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     images = InspectionImages(
         rows,
         image_root,

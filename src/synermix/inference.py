@@ -144,9 +144,10 @@ def make_session(path: str | Path, provider: str = "auto", threads: int | None =
         options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(path), sess_options=options, providers=asked)
     used = session.get_providers()[0]
-    if provider != "cpu" and used == "CPUExecutionProvider" and asked[0] != "CPUExecutionProvider":
+    if used != asked[0]:
         log.warning(
-            "asked onnxruntime for %s but the session runs on %s (no usable GPU or CUDA libraries)",
+            "asked onnxruntime for %s but the session runs on %s (no usable GPU, or missing CUDA/TensorRT "
+            "libraries)",
             asked[0],
             used,
         )

@@ -132,7 +132,13 @@ class Parity:
     preprocessing_max_abs_diff: float
 
     def passed(self, tolerance: float) -> bool:
-        return self.max_abs_diff <= tolerance and self.top1_agreement == 1.0
+        """Logits within ``tolerance``, every top-1 equal, and the production input within
+        ``tolerance`` of training's (a preprocessing drift fails too)."""
+        return (
+            self.max_abs_diff <= tolerance
+            and self.top1_agreement == 1.0
+            and self.preprocessing_max_abs_diff <= tolerance
+        )
 
     def to_dict(self) -> dict[str, float]:
         return {

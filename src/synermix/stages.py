@@ -544,12 +544,33 @@ def _champion_report(params: Params, root: Path, test_rows: pd.DataFrame, challe
         log.info(note)
         return {"note": note, "skip": f"no version holds @{spec.alias}"}
     with tempfile.TemporaryDirectory() as tmp:
-        folder = registry.download_version(client, found, Path(tmp))
+        try:
+            folder = registry.download_version(client, found, Path(tmp))
+        except MlflowException as exc:
+            note = (
+                f"{found.label}: its files could not be downloaded ({exc.message}); champion gates skipped."
+            )
+            log.warning(note)
+            return {"note": note, "skip": f"{found.label} cannot be downloaded"}
         if not (folder / "model.json").is_file() or not (folder / "weights.pt").is_file():
             note = f"{found.label} has no model.json + weights.pt to score; champion gates skipped."
             log.warning(note)
             return {"note": note, "skip": f"{found.label} cannot be scored"}
-        model, meta = load_trained_model(folder)
+        try:
+            model, meta = load_trained_model(folder)
+        except (KeyError, ValueError, RuntimeError, OSError) as exc:
+            note = f"{found.label}: its model files do not load here ({exc}); champion gates skipped."
+            log.warning(note)
+            return {"note": note, "skip": f"{found.label} does not load"}
+    if meta.get("manifest_sha256") != challenger["manifest_sha256"]:
+        # another manifest means another split: today's test images may be its training images
+        note = (
+            f"{found.label} was trained on another manifest (sha256 {str(meta.get('manifest_sha256'))[:12]}, "
+            f"now {challenger['manifest_sha256'][:12]}): some of today's test images may have been its "
+            "training images, so its score would be inflated; champion gates skipped."
+        )
+        log.warning(note)
+        return {"note": note, "skip": f"{found.label} trained on another split"}
     if set(meta["class_names"]) != set(challenger["class_names"]):
         note = (
             f"{found.label} knows classes {', '.join(meta['class_names'])}, this model "
@@ -614,9 +635,22 @@ def run_evaluate(params: Params, root: Path = Path(".")) -> dict:
 
     test_scores = score(test_rows, "test")
     test = split_report(test_scores, names, ev.calibration_bins)
+    unmeasured = [n for n, row in test["per_class"].items() if not row["support"]]
+    if unmeasured:
+        log.warning(
+            "no test image of class(es) %s: their recall is not measured and no gate covers them",
+            ", ".join(unmeasured),
+        )
     val = split_report(score(val_rows, "val"), names, ev.calibration_bins) if len(val_rows) else None
     champion = _champion_report(
-        params, root, test_rows, {"class_names": names, "correct": test_scores.correct}
+        params,
+        root,
+        test_rows,
+        {
+            "class_names": names,
+            "correct": test_scores.correct,
+            "manifest_sha256": meta.get("manifest_sha256", ""),
+        },
     )
     gates = threshold_gates(test, params.gates, names) + champion_gates(
         test, champion.get("metrics"), params.gates, champion.get("label", ""), champion.get("skip", "")
@@ -770,7 +804,10 @@ def _evaluation_verdict(root: Path) -> bool | None:
     if not path.is_file():
         log.warning("no %s: exporting a model that was not evaluated", EVAL_METRICS)
         return None
-    summary = json.loads(path.read_text())
+    try:
+        summary = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not readable JSON ({exc}); rerun the evaluate stage (dvc repro)") from None
     if not summary.get("passed") and summary.get("enforced"):
         raise CheckFailed(f"{EVAL_METRICS} says the model failed its gates; fix that before exporting")
     return bool(summary.get("passed"))
@@ -838,7 +875,9 @@ def run_export(params: Params, root: Path = Path(".")) -> dict:
         raise CheckFailed(
             f"ONNX parity failed on {parity.images} val images: max |logit difference| "
             f"{parity.max_abs_diff:.3g} (allowed {ex.parity_max_abs_diff:g}), top-1 agreement "
-            f"{parity.top1_agreement:.2%}; try export.exporter: torchscript or another export.opset"
+            f"{parity.top1_agreement:.2%}, production vs training input "
+            f"{parity.preprocessing_max_abs_diff:.3g}; "
+            "try export.exporter: torchscript or another export.opset"
         )
     if refused:
         raise CheckFailed(

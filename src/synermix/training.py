@@ -68,6 +68,7 @@ TRAINING_CODE = (
     "data/datasets.py",
     "data/samplers.py",
     "data/transforms.py",
+    "data/images.py",  # fit_square: the pixels the model sees
 )
 
 
