@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro test test-fast lint format lock clean-venv
+.PHONY: install repro test test-slow lint format lock clean-venv
 
 install: $(STAMP)
 
@@ -19,11 +19,13 @@ $(STAMP): pyproject.toml requirements.lock
 repro: install
 	dvc repro
 
+# the default suite: everything but the end-to-end `dvc repro` tests (about 6 minutes on 2 cores)
 test: install
-	pytest
-
-test-fast: install
 	pytest -m "not slow"
+
+# the end-to-end tests: real `dvc repro` in a temporary git repo (about 5 minutes); CI runs both
+test-slow: install
+	pytest -m slow
 
 lint: install
 	ruff check src pipeline tests bench
