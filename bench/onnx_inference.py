@@ -29,7 +29,15 @@ import torch
 from synermix import onnx_export as ox
 from synermix.config import load_params
 from synermix.inference import Classifier
-from synermix.stages import EXPORT_DIR, MODEL_DIR, ONNX_MODEL, PREPARED_DIR, evaluation_rows, train_val_rows
+from synermix.stages import (
+    EXPORT_DIR,
+    MODEL_DIR,
+    ONNX_MODEL,
+    PREPARED_DIR,
+    calibration_rows,
+    evaluation_rows,
+    production_inputs,
+)
 from synermix.training import load_trained_model
 
 
@@ -64,8 +72,8 @@ def main() -> None:
     model, meta = load_trained_model(root / MODEL_DIR)
     fp32 = Classifier(root / ONNX_MODEL, provider="cpu", threads=args.threads)
     _, test_rows = evaluation_rows(root, meta["class_names"], meta.get("manifest_sha256"))
-    inputs = np.stack([fp32.preprocess((root / PREPARED_DIR / p).read_bytes()) for p in test_rows["path"]])
-    labels = np.asarray([meta["class_names"].index(c) for c in test_rows["label"]])
+    names = list(meta["class_names"])
+    inputs, labels = production_inputs(test_rows, root / PREPARED_DIR, fp32.preprocess, names)
     print(
         f"{meta['arch']}, input {'x'.join(map(str, inputs.shape[1:]))}, {args.threads} thread(s), "
         f"{args.repeats} timed runs each, {len(inputs)} real test images; provider {fp32.provider}"
@@ -74,14 +82,8 @@ def main() -> None:
     int8_path = root / EXPORT_DIR / "model.int8.onnx"
     tmp = tempfile.TemporaryDirectory()
     if not int8_path.is_file():
-        params = load_params(args.params)
-        _, train_rows, _, _ = train_val_rows(params, root)
-        sample = train_rows.sample(
-            n=min(params.export.calibration_images, len(train_rows)), random_state=params.seed
-        )
-        calibration = np.stack(
-            [fp32.preprocess((root / PREPARED_DIR / p).read_bytes()) for p in sample["path"]]
-        )
+        rows = calibration_rows(load_params(args.params), root, names)
+        calibration, _ = production_inputs(rows, root / PREPARED_DIR, fp32.preprocess, names)
         int8_path = Path(tmp.name) / "model.int8.onnx"
         ox.quantize_int8(root / ONNX_MODEL, int8_path, calibration)
         print(f"quantised INT8 here on {len(calibration)} training images (export.int8 is off)")

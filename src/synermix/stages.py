@@ -819,7 +819,6 @@ def run_export(params: Params, root: Path = Path(".")) -> dict:
     Optional FP16 / INT8 variants are scored on the test split against the FP32 ONNX
     model and refused (stage fails, file removed) past ``export.max_accuracy_drop``.
     """
-    import numpy as np
 
     from synermix import onnx_export as ox
     from synermix.data.transforms import Preprocessing, load_resized, normalize
@@ -850,8 +849,7 @@ def run_export(params: Params, root: Path = Path(".")) -> dict:
     parity = ox.check_parity(model, classifier, files, training_view)
     parity_ok = parity.passed(ex.parity_max_abs_diff)
 
-    labels = np.asarray([names.index(c) for c in test_rows["label"]], dtype=np.int64)
-    test_inputs = np.stack([classifier.preprocess((image_root / p).read_bytes()) for p in test_rows["path"]])
+    test_inputs, labels = production_inputs(test_rows, image_root, classifier.preprocess, names)
     fp32_accuracy = ox.accuracy(classifier, test_inputs, labels)
     onnx_bytes = (root / ONNX_MODEL).read_bytes()
     summary: dict = {
@@ -867,7 +865,9 @@ def run_export(params: Params, root: Path = Path(".")) -> dict:
     }
     refused = []
     if parity_ok:
-        refused = _export_variants(params, root, summary, test_inputs, labels, fp32_accuracy, pre, names)
+        refused = _export_variants(
+            params, root, summary, test_inputs, labels, fp32_accuracy, classifier.preprocess, names
+        )
     (root / EXPORT_METRICS).parent.mkdir(parents=True, exist_ok=True)
     (root / EXPORT_METRICS).write_text(json.dumps(summary, indent=2) + "\n")
     _log_export(params, root, meta, summary)
@@ -894,10 +894,28 @@ def run_export(params: Params, root: Path = Path(".")) -> dict:
     return summary
 
 
-def _export_variants(params, root, summary, test_inputs, labels, fp32_accuracy, pre, names) -> list[str]:
-    """FP16 / INT8 files when asked for, each scored on the test split; returns refusals."""
+def production_inputs(rows: pd.DataFrame, image_root: Path, preprocess, names: list[str]) -> tuple:
+    """The model inputs of ``rows`` from their file bytes (``preprocess``: a
+    :class:`synermix.inference.Preprocessor`), stacked, and their class indices."""
     import numpy as np
 
+    inputs = np.stack([preprocess((image_root / p).read_bytes()) for p in rows["path"]])
+    return inputs, np.asarray([names.index(c) for c in rows["label"]], dtype=np.int64)
+
+
+def calibration_rows(params: Params, root: Path, names: list[str]) -> pd.DataFrame:
+    """The seeded sample of training images that INT8 quantisation calibrates on."""
+    _, train_rows, _, _ = train_val_rows(params, root)
+    train_rows = train_rows[train_rows["label"].isin(names)]
+    return train_rows.sample(
+        n=min(params.export.calibration_images, len(train_rows)), random_state=params.seed
+    )
+
+
+def _export_variants(
+    params, root, summary, test_inputs, labels, fp32_accuracy, preprocess, names
+) -> list[str]:
+    """FP16 / INT8 files when asked for, each scored on the test split; returns refusals."""
     from synermix import onnx_export as ox
     from synermix.inference import Classifier
 
@@ -909,15 +927,8 @@ def _export_variants(params, root, summary, test_inputs, labels, fp32_accuracy, 
         if name == "fp16":
             ox.convert_fp16(root / ONNX_MODEL, path)
         else:
-            _, train_rows, _, _ = train_val_rows(params, root)
-            train_rows = train_rows[train_rows["label"].isin(names)]
-            sample = train_rows.sample(
-                n=min(ex.calibration_images, len(train_rows)), random_state=params.seed
-            )
-            fp32 = Classifier(root / ONNX_MODEL, provider="cpu")
-            calibration = np.stack(
-                [fp32.preprocess((root / PREPARED_DIR / p).read_bytes()) for p in sample["path"]]
-            )
+            rows = calibration_rows(params, root, names)
+            calibration, _ = production_inputs(rows, root / PREPARED_DIR, preprocess, names)
             ox.quantize_int8(root / ONNX_MODEL, path, calibration)
         variant_accuracy = ox.accuracy(Classifier(path, provider="cpu"), test_inputs, labels)
         drop = fp32_accuracy - variant_accuracy
