@@ -94,6 +94,48 @@ def ran(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
 
 
+def check_lineage(repo: Path, env: dict) -> None:
+    """One pipeline run for the repro, a child per stage, trials under tune, and a registered
+    version that leads back to all of them."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    (experiment,) = [e.experiment_id for e in client.search_experiments() if e.name == "synermix"]
+    (parent,) = client.search_runs([experiment], "tags.synermix_role = 'pipeline'")
+    children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    by_stage = {r.data.tags["stage"]: r for r in children}
+    assert set(by_stage) == {"prepare", "validate", "tune", "train", "evaluate", "export", "register"}
+    tags = parent.data.tags
+    assert set(tags["stages_ran"].split(",")) == set(by_stage)
+    assert parent.info.status == "FINISHED" and parent.data.params["train.epochs"] == "2"
+    head = run(["git", "rev-parse", "HEAD"], repo, env).stdout.strip()
+    assert tags["git_commit"] == head and tags["git_dirty"] in ("true", "false")
+    assert {f"dvc_lock.{s}" for s in ("prepare", "validate", "tune", "train", "evaluate", "export")} <= set(
+        tags
+    )
+    assert tags["run.train"] == by_stage["train"].info.run_id
+    for stage, child in by_stage.items():
+        assert child.data.tags["git_commit"] == head and child.data.tags["manifest_sha256"], stage
+        assert child.data.tags["pipeline_run_id"] == parent.info.run_id
+    assert by_stage["evaluate"].data.tags["dvc_lock.train"] == tags["dvc_lock.train"]
+    trials = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{by_stage['tune'].info.run_id}'")
+    assert len(trials) == 2
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "pipeline")}
+    assert {"pipeline/params.yaml", "pipeline/dvc.yaml", "pipeline/dvc.lock"} <= artifacts
+    assert client.list_artifacts(by_stage["validate"].info.run_id, "validation")
+    assert any(
+        a.path.endswith(".onnx") for a in client.list_artifacts(by_stage["export"].info.run_id, "onnx")
+    )
+    version = client.get_model_version("synermix", "1")
+    assert version.run_id == by_stage["register"].info.run_id
+    assert version.tags["pipeline_run_id"] == parent.info.run_id
+    for stage in ("train", "evaluate", "export", "tune"):
+        assert version.tags[f"{stage}_run_id"] == by_stage[stage].info.run_id, stage
+    aliases = client.get_registered_model("synermix").aliases
+    assert {k: str(v) for k, v in aliases.items()} == {"candidate": "1"}
+    assert json.loads((repo / "reports/register.json").read_text())["version"] == "1"
+
+
 @pytest.mark.slow
 def test_dvc_repro_on_real_elpv_subset(project):
     repo, env = project
@@ -108,14 +150,22 @@ def test_dvc_repro_on_real_elpv_subset(project):
         tune__epochs=2,
         tune__max_per_class=8,
         tune__startup_trials=1,
-        gates__enforce=False,  # a 2-epoch model on 60 images; the gates are checked at the end
+        # a 2-epoch model on 60 images: no thresholds (the gates are checked at the end), so it
+        # is registered
+        gates__enforce=False,
+        gates__min_accuracy=None,
+        gates__min_macro_recall=None,
+        gates__min_class_recall=None,
+        gates__max_recall_spread=None,
+        gates__max_intra_class_variance=None,
     )
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "init"], repo, env)
 
     first = run([str(DVC), "repro"], repo, env)
-    everything = {"prepare", "validate", "tune", "train", "evaluate", "export"}
+    everything = {"prepare", "validate", "tune", "train", "evaluate", "export", "register"}
     assert ran(first.stdout) == everything
+    check_lineage(repo, env)
     tuned = yaml.safe_load((repo / "tuning/best_params.yaml").read_text())
     assert tuned["tuned"] and json.loads((repo / "reports/tune.json").read_text())["trials"] == 2
     meta = json.loads((repo / "models/model/model.json").read_text())
@@ -144,18 +194,24 @@ def test_dvc_repro_on_real_elpv_subset(project):
 
     # train.lr is searched: tune reruns but finds its study complete (no new trial)
     set_params(repo, train__lr=0.02)
-    assert ran(run([str(DVC), "repro"], repo, env).stdout) == {"tune", "train", "evaluate", "export"}
+    assert ran(run([str(DVC), "repro"], repo, env).stdout) == {
+        "tune",
+        "train",
+        "evaluate",
+        "export",
+        "register",
+    }
     assert yaml.safe_load((repo / "tuning/best_params.yaml").read_text()) == tuned
 
     # only train.* keys that trials do not use leave tuning alone
     set_params(repo, train__epochs=1)
-    assert ran(run([str(DVC), "repro"], repo, env).stdout) == {"train", "evaluate", "export"}
+    assert ran(run([str(DVC), "repro"], repo, env).stdout) == {"train", "evaluate", "export", "register"}
 
     # a larger trial budget continues the same study by one trial
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "tuned"], repo, env)
     exp = run([str(DVC), "exp", "run", "-S", "tune.n_trials=3"], repo, env)
-    assert {"tune", "train", "evaluate", "export"} <= ran(exp.stdout)
+    assert {"tune", "train", "evaluate", "export", "register"} <= ran(exp.stdout)
     assert json.loads((repo / "reports/tune.json").read_text())["trials"] == 3
     assert "trial 2, budget 3 trials" in exp.stdout + exp.stderr
     assert "trial 0," not in exp.stdout + exp.stderr

@@ -1,10 +1,11 @@
 """``synermix``: the commands a person runs by hand.
 
 ``synermix params`` checks params.yaml and prints the resolved values; ``synermix
-prepare`` / ``validate`` / ``tune`` / ``train`` / ``evaluate`` / ``export`` run one stage
-outside DVC (DVC runs the same code through ``pipeline/``); ``synermix tune --worker``
-adds a worker to a running study; ``synermix predict`` classifies images with an exported
-ONNX model.
+prepare`` / ``validate`` / ``tune`` / ``train`` / ``evaluate`` / ``export`` / ``register``
+run one stage outside DVC (DVC runs the same code through ``pipeline/``); ``synermix tune
+--worker`` adds a worker to a running study; ``synermix predict`` classifies images with
+an exported ONNX model, a bundle or a registered version. The staged rollout: ``status``,
+``promote``, ``pilot-eval``, ``rollback`` and ``bundle`` (see :mod:`synermix.rollout`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -57,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
         help="run the evaluate stage (test metrics, gates, champion comparison); exit 1 when a gate fails",
     )
     sub.add_parser("export", help="run the export stage (ONNX + parity check against PyTorch)")
+    sub.add_parser(
+        "register",
+        help="run the register stage (a version of registry.model_name with the candidate alias)",
+    )
+    _rollout_parsers(sub)
     predict = sub.add_parser(
         "predict",
         help="classify image files or folders with an exported ONNX model (CSV or JSON out)",
@@ -65,7 +72,12 @@ def _parser() -> argparse.ArgumentParser:
         "for files that could not be scored (the batch goes on).",
     )
     predict.add_argument("paths", nargs="+", help="image files and/or folders (searched recursively)")
-    predict.add_argument("--model", default="models/onnx/model.onnx", help="ONNX file (default: %(default)s)")
+    predict.add_argument(
+        "--model",
+        default="models/onnx/model.onnx",
+        help="an ONNX file, a bundle folder (checksums verified first) or a registered version "
+        "models:/<name>@<alias> | models:/<name>/<version> (default: %(default)s)",
+    )
     predict.add_argument("--out", help="write here (.csv or .json); default: CSV on stdout")
     predict.add_argument("--format", choices=("csv", "json"), help="default: from --out's suffix, else csv")
     predict.add_argument(
@@ -83,15 +95,138 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _predict(args: argparse.Namespace) -> int:
-    """``synermix predict``: one row per image; unreadable images are rows with an error."""
+def _rollout_parsers(sub) -> None:
+    """promote, pilot-eval, rollback, status and bundle: the staged rollout by hand."""
+    by_help = "who moves the alias (recorded; default: login@host)"
+    promote = sub.add_parser(
+        "promote",
+        help="move @pilot or @production to a version, after its checks (recorded with who/when/why)",
+        description="pilot: the version must have passed its release gates (default: the candidate). "
+        "production: the version must have held pilot and have pilot-line evidence meeting "
+        "registry.production_gates (default: the pilot version).",
+    )
+    promote.add_argument("alias", choices=("pilot", "production"))
+    promote.add_argument(
+        "--version", help="version number (default: candidate for pilot, pilot for production)"
+    )
+    promote.add_argument("--reason", required=True, help="why: recorded on the version and in the history")
+    promote.add_argument("--by", help=by_help)
+    pilot = sub.add_parser(
+        "pilot-eval",
+        help="score the @pilot version on labelled pilot-line images (<class>/<image>) and record it",
+    )
+    pilot.add_argument("--images", required=True, type=Path, help="folder of <class>/<image> photos")
+    pilot.add_argument("--version", help="version to evaluate (default: the one holding @pilot)")
+    pilot.add_argument("--by", help="who collected/ran it (default: login@host)")
+    pilot.add_argument("--batch-size", type=int, default=32)
+    pilot.add_argument("--provider", choices=("auto", "cpu", "cuda", "tensorrt"), default="auto")
+    pilot.add_argument("--json", action="store_true", help="print the result as JSON")
+    rollback = sub.add_parser("rollback", help="put back the version that held the alias before")
+    rollback.add_argument("alias", choices=("production", "pilot"))
+    rollback.add_argument("--reason", default="rollback", help="why (recorded)")
+    rollback.add_argument("--by", help=by_help)
+    status = sub.add_parser("status", help="versions, aliases, gates, pilot results and recent alias moves")
+    status.add_argument("--json", action="store_true")
+    status.add_argument("--history", type=int, default=10, help="alias moves to list (default 10)")
+    bundle = sub.add_parser(
+        "bundle",
+        help="write a deploy bundle (model.onnx, labels, preprocessing, SHA256SUMS, model card)",
+    )
+    which = bundle.add_mutually_exclusive_group()
+    which.add_argument(
+        "--alias", default="production", help="bundle the version holding it (default production)"
+    )
+    which.add_argument("--version", help="bundle this version number instead")
+    bundle.add_argument("--out", required=True, type=Path, help="new folder (refused when it has files)")
+    verify = sub.add_parser(
+        "verify-bundle", help="check a bundle's checksums and labels (non-zero exit when damaged)"
+    )
+    verify.add_argument("folder", type=Path)
+
+
+def _rollout(args: argparse.Namespace, params) -> int:
     import json
 
-    import pandas as pd
+    from mlflow.exceptions import MlflowException
 
-    from synermix.data.images import IMAGE_EXTENSIONS
+    from synermix import rollout
     from synermix.errors import UserError
-    from synermix.inference import Classifier, image_files, read_files
+    from synermix.tracking import tracking_uri
+
+    try:
+        if args.command == "promote":
+            result = rollout.promote(params, args.alias, args.version, args.reason, args.by)
+            _say(
+                f"{params.registry.model_name}@{args.alias} = version {result['version']}"
+                + ("" if result["moved"] else " (already)")
+            )
+        elif args.command == "rollback":
+            result = rollout.rollback(params, args.alias, args.reason, args.by)
+            _say(f"{params.registry.model_name}@{args.alias}: version {result['from']} -> {result['to']}")
+        elif args.command == "pilot-eval":
+            result = rollout.pilot_eval(
+                params, args.images, args.version, args.by, args.batch_size, args.provider
+            )
+            _say(json.dumps(result, indent=2, default=str) if args.json else rollout.format_pilot(result))
+        elif args.command == "status":
+            report = rollout.status(params, args.history)
+            _say(json.dumps(report, indent=2) if args.json else rollout.format_status(report))
+        elif args.command == "bundle":
+            version = args.version
+            rollout.bundle(params, args.out, None if version else args.alias, version)
+            _say(f"bundle written to {args.out}")
+    except MlflowException as exc:
+        raise UserError(
+            f"MLflow at {rollout._redact(tracking_uri(params.mlflow))} refused: {exc.message}; check "
+            "MLFLOW_TRACKING_URI / mlflow.tracking_uri and registry.model_name"
+        ) from None
+    return 0
+
+
+def _say(text: str) -> None:
+    sys.stdout.write(text + ("" if text.endswith("\n") else "\n"))
+
+
+def _model_path(spec: str, tmp: Path) -> Path:
+    """--model as a file to run: an ONNX file, a verified bundle, or a registered version."""
+    from synermix.bundle import is_bundle, verify_bundle
+    from synermix.errors import UserError
+
+    if spec.startswith("models:/"):
+        from mlflow.artifacts import download_artifacts
+        from mlflow.exceptions import MlflowException
+
+        from synermix.tracking import quiet_mlflow_logs
+
+        quiet_mlflow_logs()
+        try:  # MLFLOW_TRACKING_URI, else the project's params decide the store
+            if not os.environ.get("MLFLOW_TRACKING_URI") and Path("params.yaml").is_file():
+                from synermix.tracking import tracking_uri
+
+                uri = tracking_uri(load_params(Path("params.yaml")).mlflow)
+            else:
+                uri = None
+            folder = Path(download_artifacts(artifact_uri=spec, dst_path=str(tmp), tracking_uri=uri))
+        except MlflowException as exc:
+            raise UserError(f"{spec}: cannot fetch it from MLflow ({exc.message})") from None
+        if not (folder / "model.onnx").is_file():
+            raise UserError(f"{spec} holds no model.onnx: only versions from the register stage run here")
+        return folder / "model.onnx"
+    path = Path(spec)
+    if path.is_dir():
+        if not is_bundle(path):
+            raise UserError(
+                f"{path}: a folder but not a bundle (no SHA256SUMS + model.onnx); see synermix bundle"
+            )
+        return verify_bundle(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no ONNX model there; run the export stage (dvc repro) or pass --model")
+    return path
+
+
+def _predict(args: argparse.Namespace) -> int:
+    """``synermix predict``: one row per image; unreadable images are rows with an error."""
+    from synermix.errors import UserError
 
     if not 0.0 <= args.abstain <= 1.0:
         raise UserError(f"--abstain {args.abstain:g}: give a probability between 0 and 1")
@@ -100,9 +235,19 @@ def _predict(args: argparse.Namespace) -> int:
     missing = [p for p in args.paths if not Path(p).exists()]
     if missing:
         raise UserError(f"no such file or folder: {', '.join(missing)}")
-    model = Path(args.model)
-    if not model.is_file():
-        raise UserError(f"{model}: no ONNX model there; run the export stage (dvc repro) or pass --model")
+    with tempfile.TemporaryDirectory() as tmp:
+        return _predict_with(args, _model_path(args.model, Path(tmp)))
+
+
+def _predict_with(args: argparse.Namespace, model: Path) -> int:
+    import json
+
+    import pandas as pd
+
+    from synermix.data.images import IMAGE_EXTENSIONS
+    from synermix.errors import UserError
+    from synermix.inference import Classifier, image_files, read_files
+
     try:
         classifier = Classifier(model, provider=args.provider, max_pixels=args.max_pixels)
     except Exception as exc:  # onnxruntime raises plain Exception subclasses for a non-ONNX file
@@ -118,7 +263,7 @@ def _predict(args: argparse.Namespace) -> int:
     fmt = args.format or ("json" if args.out and args.out.lower().endswith(".json") else "csv")
     if fmt == "json":
         text = json.dumps(
-            {"model": str(model), "provider": classifier.provider, "predictions": rows}, indent=2
+            {"model": args.model, "provider": classifier.provider, "predictions": rows}, indent=2
         )
     else:
         text = pd.DataFrame(rows).to_csv(index=False, lineterminator="\n")
@@ -149,7 +294,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose)
     if args.command == "predict":  # needs the model file only, not params.yaml
         return _predict(args)
+    if args.command == "verify-bundle":
+        from synermix.bundle import verify_bundle
+
+        verify_bundle(args.folder)
+        _say(f"{args.folder}: every checksum matches")
+        return 0
     params = load_params(Path(args.params))
+    if args.command in ("promote", "rollback", "pilot-eval", "status", "bundle"):
+        return _rollout(args, params)
     if args.command == "params":
         dumped = params.model_dump(mode="json", by_alias=True)
         print(yaml.safe_dump(dumped, sort_keys=False), end="")
@@ -177,6 +330,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from synermix.stages import run_export
 
         run_export(params)
+    elif args.command == "register":
+        from synermix.stages import run_register
+
+        run_register(params)
     return 0
 
 

@@ -443,9 +443,36 @@ class ExportParams(_Section):
         return self
 
 
+class ProductionGates(_Section):
+    """What pilot-line evidence a version needs before ``synermix promote production``."""
+
+    #: labelled pilot images scored by ``synermix pilot-eval`` (at least)
+    min_images: Annotated[int, Field(ge=1)] = 100
+    min_accuracy: Fraction | None = 0.5
+    min_macro_recall: Fraction | None = 0.4
+    min_class_recall: Fraction | None = None
+    #: largest drop against the current production version on the same pilot images
+    max_drop: dict[Literal["accuracy", "macro_recall"], Fraction] = Field(
+        default_factory=lambda: {"accuracy": 0.02, "macro_recall": 0.02}
+    )
+    #: evidence older than this many days is refused (null: any age)
+    max_evidence_age_days: Annotated[float, Field(gt=0)] | None = 30.0
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
 class RegistryParams(_Section):
     #: the MLflow registered model this pipeline's versions belong to
     model_name: str = "synermix"
+    #: the register stage also gives a new version the pilot alias (not only candidate)
+    auto_pilot: bool = False
+    production_gates: ProductionGates = Field(default_factory=ProductionGates)
+    #: an alias move waits at most this long for another one to finish; a lock older than
+    #: stale_lock_seconds was left by a crashed command and is broken
+    lock_wait_seconds: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    stale_lock_seconds: Annotated[float, Field(gt=0, le=86400)] = 300.0
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
 
     @field_validator("model_name")
     @classmethod

@@ -51,6 +51,7 @@ def run_prepare(params: Params, root: Path = Path(".")) -> dict:
     )
     write_summary(result.summary, root / PREPARE_SUMMARY)
     s = result.summary
+    _log_prepare(params, root, s)
     log.info(
         "prepared %d images (%d undecodable) in %d classes: train %d, val %d, test %d",
         s["images"],
@@ -59,6 +60,21 @@ def run_prepare(params: Params, root: Path = Path(".")) -> dict:
         *(s["per_split"][k] for k in ("train", "val", "test")),
     )
     return s
+
+
+def _log_prepare(params: Params, root: Path, summary: dict) -> None:
+    """The prepare run: data params, image counts, the summary and the manifest itself."""
+    import mlflow
+
+    from synermix.tracking import flatten, mlflow_run
+
+    with mlflow_run(params, "prepare", root):
+        mlflow.log_params(flatten({"seed": params.seed, "data": params.data.model_dump(mode="json")}))
+        counts = {"images": summary["images"], "undecodable": summary["undecodable"]}
+        counts |= {f"images_{k}": v for k, v in summary["per_split"].items()}
+        mlflow.log_metrics({k: float(v) for k, v in counts.items()})
+        mlflow.log_artifact(str(root / PREPARE_SUMMARY))
+        mlflow.log_artifact(str(root / PREPARED_DIR / MANIFEST_NAME))
 
 
 def run_validate(params: Params, root: Path = Path(".")):
@@ -71,6 +87,7 @@ def run_validate(params: Params, root: Path = Path(".")):
     (root / VALIDATION_JSON).write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
     (root / VALIDATION_MD).write_text(render_markdown(report))
     report.quarantine.to_csv(root / QUARANTINE_CSV, index=False, lineterminator="\n")
+    _log_validation(params, root, report)
     for r in report.results:
         if r.status in ("warning", "quarantined"):
             log.warning("validation rule '%s' %s: %s", r.rule, r.status, r.observed)
@@ -84,6 +101,22 @@ def run_validate(params: Params, root: Path = Path(".")):
         VALIDATION_MD,
     )
     return report
+
+
+def _log_validation(params: Params, root: Path, report) -> None:
+    """The validate run: rule settings, the verdict and counts, and the three reports."""
+    import mlflow
+
+    from synermix.tracking import flatten, mlflow_run
+
+    with mlflow_run(params, "validate", root, {"validation_passed": str(report.passed).lower()}):
+        mlflow.log_params(flatten({"validate": params.validate_params.model_dump(mode="json")}))
+        counts = {"images": report.images, "usable_images": report.usable_images}
+        counts["quarantined"] = len(report.quarantine)
+        counts["validation_passed"] = int(report.passed)
+        mlflow.log_metrics({k: float(v) for k, v in counts.items()})
+        for path in (VALIDATION_MD, VALIDATION_JSON, QUARANTINE_CSV):
+            mlflow.log_artifact(str(root / path), artifact_path="validation")
 
 
 def train_val_rows(params: Params, root: Path) -> tuple[list[str], pd.DataFrame, pd.DataFrame, str]:
@@ -173,7 +206,7 @@ def run_train(params: Params, root: Path = Path(".")) -> dict:
     names, train_rows, val_rows, manifest_sha = train_val_rows(params, root)
     train_params, tuned = apply_tuned(params.train, root / BEST_PARAMS)
 
-    with mlflow_run(params.mlflow, "train", {"stage": "train", "manifest_sha256": manifest_sha}) as run:
+    with mlflow_run(params, "train", root, {"manifest_sha256": manifest_sha}) as run:
         mlflow.log_params(flatten({"seed": params.seed, "train": train_params.model_dump(mode="json")}))
         if tuned:
             mlflow.log_params({f"tuned.{k}": v for k, v in tuned["params"].items()})
@@ -254,10 +287,16 @@ def _write_untuned(params: Params, root: Path) -> dict:
     metrics = {"trials": 0}
     (root / TUNE_METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
     (root / TUNE_REPORT).write_text(f"# Tuning\n\nNo search: {note}.\n")
+    import mlflow
+
+    from synermix.tracking import mlflow_run
     from synermix.tune_report import write_tables
 
     empty = pd.DataFrame(columns=["trial", "state", "value", "last_reported", "beta", "worker", "seconds"])
     write_tables(root / TUNE_PLOTS_DIR, empty, pd.DataFrame(columns=["trial", "value", "best_so_far"]), {})
+    # the stage ran, so the repro's record holds it, saying why there was no search
+    with mlflow_run(params, "tune", root, {"tuned": "false", "mlflow.note.content": f"No search: {note}."}):
+        mlflow.log_artifact(str(root / BEST_PARAMS), artifact_path="tune")
     log.info(note)
     return metrics
 
@@ -268,15 +307,21 @@ _BEST_HEADER = (
 )
 
 
-def _tune_mlflow(params: Params, study: str, manifest_sha: str) -> tuple:
-    """The MLflow client, experiment id and the study's parent run (found or created)."""
+def _tune_mlflow(params: Params, study: str, manifest_sha: str, root: Path, worker: bool) -> tuple:
+    """The MLflow client, experiment id, the study's run (found or created) and, for the
+    main tune stage, its place in this dvc repro (a worker belongs to no repro)."""
     from mlflow.tracking import MlflowClient
 
-    from synermix.tracking import experiment_id, tracking_uri, tune_parent_run
+    from synermix.tracking import PipelineLineage, experiment_id, tracking_uri, tune_parent_run
 
     experiment = experiment_id(params.mlflow)
     client = MlflowClient(tracking_uri(params.mlflow))
-    return client, experiment, tune_parent_run(client, experiment, study, {"manifest_sha256": manifest_sha})
+    place = None if worker else PipelineLineage(client, experiment, params, "tune", root)
+    tags = {"manifest_sha256": manifest_sha, **(place.tags() if place else {})}
+    run_id = tune_parent_run(client, experiment, study, tags)
+    if place:
+        place.attach(run_id)
+    return client, experiment, run_id, place
 
 
 def run_tune(params: Params, root: Path = Path("."), worker: bool = False, wait_seconds: float = 120) -> dict:
@@ -288,7 +333,7 @@ def run_tune(params: Params, root: Path = Path("."), worker: bool = False, wait_
     from mlflow.entities import Param
 
     from synermix import tuning
-    from synermix.tracking import MlflowTrialLogger, flatten, tracking_uri
+    from synermix.tracking import MlflowTrialLogger, flatten, stage_outcome, tracking_uri
     from synermix.training import load_training_data
 
     tune = params.tune
@@ -305,8 +350,9 @@ def run_tune(params: Params, root: Path = Path("."), worker: bool = False, wait_
     state_dir.mkdir(parents=True, exist_ok=True)
     url = tuning.storage_url(tune, state_dir / "optuna.db")
     storage = tuning.open_storage(url, tune)
+    place = parent = None
     if not worker:
-        client, experiment, parent = _tune_mlflow(params, name, manifest_sha)
+        client, experiment, parent, place = _tune_mlflow(params, name, manifest_sha, root, worker)
         _drop_other_studies_checkpoints(state_dir / "trials", keep=name)
     elif not url.startswith("sqlite") and tracking_uri(params.mlflow).startswith("sqlite"):
         log.warning(
@@ -314,53 +360,54 @@ def run_tune(params: Params, root: Path = Path("."), worker: bool = False, wait_
             "join the tuning run only if MLFLOW_TRACKING_URI points at the same server everywhere",
             tracking_uri(params.mlflow),
         )
-    study = _open_study(storage, name, params, url, create=not worker, wait_seconds=wait_seconds)
-    budget_note = (
-        f"Short trials: {tune.epochs} epochs on "
-        + (f"at most {tune.max_per_class} training images per class " if tune.max_per_class else "all ")
-        + f"({len(trial_rows)} of {len(train_rows)} images); train then uses train.epochs on all "
-        f"{len(train_rows)}."
-    )
-    if not worker and "description" not in study.user_attrs:
-        study.set_user_attr("description", budget_note)
-        study.set_user_attr("objective", tune.objective)
-        study.set_user_attr("manifest_sha256", manifest_sha)
-    log.info(
-        "study %s in %s: %d trial(s) wanted, objective %s; %s",
-        name,
-        tuning.redact(url),
-        tune.n_trials,
-        tune.objective,
-        budget_note,
-    )
-    # a complete study (a rerun for a param that changes nothing here) needs no images
-    done = tuning.BudgetState.of(study.get_trials(deepcopy=False))
-    complete = done.counted >= tune.n_trials and not done.running
-    data = None if complete else load_training_data(trial_rows, val_rows, image_root, names, base)
-    tuner = tuning.Tuner(study, tune, base, params.seed, names, data, state_dir / "trials" / name)
+    with stage_outcome(place, parent if place else None):
+        study = _open_study(storage, name, params, url, create=not worker, wait_seconds=wait_seconds)
+        budget_note = (
+            f"Short trials: {tune.epochs} epochs on "
+            + (f"at most {tune.max_per_class} training images per class " if tune.max_per_class else "all ")
+            + f"({len(trial_rows)} of {len(train_rows)} images); train then uses train.epochs on all "
+            f"{len(train_rows)}."
+        )
+        if not worker and "description" not in study.user_attrs:
+            study.set_user_attr("description", budget_note)
+            study.set_user_attr("objective", tune.objective)
+            study.set_user_attr("manifest_sha256", manifest_sha)
+        log.info(
+            "study %s in %s: %d trial(s) wanted, objective %s; %s",
+            name,
+            tuning.redact(url),
+            tune.n_trials,
+            tune.objective,
+            budget_note,
+        )
+        # a complete study (a rerun for a param that changes nothing here) needs no images
+        done = tuning.BudgetState.of(study.get_trials(deepcopy=False))
+        complete = done.counted >= tune.n_trials and not done.running
+        data = None if complete else load_training_data(trial_rows, val_rows, image_root, names, base)
+        tuner = tuning.Tuner(study, tune, base, params.seed, names, data, state_dir / "trials" / name)
 
-    if worker:  # the main stage created the MLflow store and the parent run before the study
-        client, experiment, parent = _tune_mlflow(params, name, manifest_sha)
-    trial_logger = MlflowTrialLogger(client, experiment, parent, tuner.histories, tune.objective)
-    if not worker:
-        # params are write-once in MLflow: log the settings a resumed study has not seen yet;
-        # the budget (it may grow) and the storage URL (it may hold a password) become tags
-        existing = client.get_run(parent).data.params
-        settings = flatten({"seed": params.seed, "tune": tune.model_dump(mode="json")})
-        budget = ("tune.n_trials", "tune.timeout_minutes", "tune.storage")
-        fresh = [Param(k, str(v)) for k, v in settings.items() if k not in existing and k not in budget]
-        client.log_batch(parent, params=fresh)
-        client.set_tag(parent, "n_trials", str(tune.n_trials))
-        client.set_tag(parent, "storage", tuning.redact(url))
+        if worker:  # the main stage created the MLflow store and the parent run before the study
+            client, experiment, parent, _ = _tune_mlflow(params, name, manifest_sha, root, worker)
+        trial_logger = MlflowTrialLogger(client, experiment, parent, tuner.histories, tune.objective)
+        if not worker:
+            # params are write-once in MLflow: log the settings a resumed study has not seen yet;
+            # the budget (it may grow) and the storage URL (it may hold a password) become tags
+            existing = client.get_run(parent).data.params
+            settings = flatten({"seed": params.seed, "tune": tune.model_dump(mode="json")})
+            budget = ("tune.n_trials", "tune.timeout_minutes", "tune.storage")
+            fresh = [Param(k, str(v)) for k, v in settings.items() if k not in existing and k not in budget]
+            client.log_batch(parent, params=fresh)
+            client.set_tag(parent, "n_trials", str(tune.n_trials))
+            client.set_tag(parent, "storage", tuning.redact(url))
 
-    state = done if complete else tuner.run([trial_logger], wait_for_others=not worker)
-    if worker:
-        log.info("worker done: %d of %d trials counted in study %s", state.counted, tune.n_trials, name)
-        return {"trials": state.counted}
-    if not state.waiting and not state.running:  # no retry left to resume from a checkpoint
-        shutil.rmtree(state_dir / "trials" / name, ignore_errors=True)
-    _log_missing_trial_runs(study, client, experiment, parent, trial_logger)
-    return _write_tune_outputs(params, root, study, client, parent, budget_note, len(trial_rows))
+        state = done if complete else tuner.run([trial_logger], wait_for_others=not worker)
+        if worker:
+            log.info("worker done: %d of %d trials counted in study %s", state.counted, tune.n_trials, name)
+            return {"trials": state.counted}
+        if not state.waiting and not state.running:  # no retry left to resume from a checkpoint
+            shutil.rmtree(state_dir / "trials" / name, ignore_errors=True)
+        _log_missing_trial_runs(study, client, experiment, parent, trial_logger)
+        return _write_tune_outputs(params, root, study, client, parent, budget_note, len(trial_rows))
 
 
 def _open_study(storage, name: str, params: Params, url: str, create: bool, wait_seconds: float):
@@ -545,19 +592,20 @@ def _champion_report(params: Params, root: Path, test_rows: pd.DataFrame, challe
         return {"note": note, "skip": f"no version holds @{spec.alias}"}
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            folder = registry.download_version(client, found, Path(tmp))
+            folder = registry.download_version(client, found.name, found.version, Path(tmp))
         except MlflowException as exc:
             note = (
                 f"{found.label}: its files could not be downloaded ({exc.message}); champion gates skipped."
             )
             log.warning(note)
             return {"note": note, "skip": f"{found.label} cannot be downloaded"}
-        if not (folder / "model.json").is_file() or not (folder / "weights.pt").is_file():
+        files = registry.pytorch_files(folder)
+        if files is None:
             note = f"{found.label} has no model.json + weights.pt to score; champion gates skipped."
             log.warning(note)
             return {"note": note, "skip": f"{found.label} cannot be scored"}
         try:
-            model, meta = load_trained_model(folder)
+            model, meta = load_trained_model(files)
         except (KeyError, ValueError, RuntimeError, OSError) as exc:
             note = f"{found.label}: its model files do not load here ({exc}); champion gates skipped."
             log.warning(note)
@@ -698,20 +746,21 @@ def run_evaluate(params: Params, root: Path = Path(".")) -> dict:
         calibration_bins=ev.calibration_bins,
     )
     (root / EVAL_REPORT).write_text(markdown)
-    _log_evaluation(params, root, meta, summary, test, val, names, [*tables, *figures, root / EVAL_DETAILS])
-
     table = format_table(gates)
-    if passed:
-        log.info("evaluation passed on %d test images:\n%s\nreport: %s", test["images"], table, EVAL_REPORT)
-    elif not enforced:
-        log.warning(
-            "gates FAILED (gates.enforce is false, so the stage passes):\n%s\nreport: %s", table, EVAL_REPORT
-        )
-    else:
-        raise CheckFailed(
+    failure = None
+    if not passed and enforced:
+        failure = CheckFailed(
             f"evaluation gates failed on {test['images']} test images:\n{table}\n"
             f"full report: {root / EVAL_REPORT}. Improve the model, or change the thresholds in "
             "gates: (gates.enforce: false reports without failing)"
+        )
+    files = [*tables, *figures, root / EVAL_DETAILS]
+    _log_evaluation(params, root, meta, summary, test, val, names, files, failure)
+    if passed:
+        log.info("evaluation passed on %d test images:\n%s\nreport: %s", test["images"], table, EVAL_REPORT)
+    else:
+        log.warning(
+            "gates FAILED (gates.enforce is false, so the stage passes):\n%s\nreport: %s", table, EVAL_REPORT
         )
     return summary
 
@@ -732,24 +781,26 @@ def _log_evaluation(
     val: dict | None,
     names: list[str],
     files: list[Path],
+    failure: CheckFailed | None,
 ) -> None:
-    """One MLflow run: gate settings, every metric, the reports and figures; links to training."""
+    """One MLflow run: gate settings, every metric, the reports and figures; links to training.
+
+    ``failure`` (failed gates) is raised inside the run, so it and this repro's pipeline run
+    end FAILED."""
     import math
 
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     from synermix.evaluation import scalars_only
     from synermix.tracking import flatten, mlflow_run
 
     tags = {
-        "stage": "evaluate",
         "model_run_id": str(meta.get("mlflow_run_id", "")),
         "weights_sha256": meta["weights_sha256"],
         "gates_passed": str(summary["passed"]).lower(),
         "champion_version": str(summary["champion"].get("version", "")),
     }
-    with mlflow_run(params.mlflow, "evaluate", tags) as run:
+    with mlflow_run(params, "evaluate", root, tags) as run:
         mlflow.log_params(
             flatten(
                 {
@@ -779,17 +830,10 @@ def _log_evaluation(
         mlflow.log_artifact(str(root / EVAL_METRICS))
         for path in files:
             mlflow.log_artifact(str(path), artifact_path="evaluation")
-        run_id = run.info.run_id
-    train_run = meta.get("mlflow_run_id")
-    if train_run:
-        try:  # the training run points at its verdict (the registry reads it from there)
-            client = mlflow.MlflowClient()
-            client.set_tag(train_run, "evaluation_run_id", run_id)
-            client.set_tag(train_run, "gates_passed", str(summary["passed"]).lower())
-        except MlflowException as exc:
-            log.warning(
-                "could not tag training run %s (%s): is MLflow the store it was trained in?", train_run, exc
-            )
+        tags = {"evaluation_run_id": run.info.run_id, "gates_passed": str(summary["passed"]).lower()}
+        _tag_training_run(meta, tags)
+        if failure is not None:
+            raise failure
 
 
 # --------------------------------------------------------------------------- export
@@ -870,19 +914,20 @@ def run_export(params: Params, root: Path = Path(".")) -> dict:
         )
     (root / EXPORT_METRICS).parent.mkdir(parents=True, exist_ok=True)
     (root / EXPORT_METRICS).write_text(json.dumps(summary, indent=2) + "\n")
-    _log_export(params, root, meta, summary)
+    failure = None
     if not parity_ok:
-        raise CheckFailed(
+        failure = CheckFailed(
             f"ONNX parity failed on {parity.images} val images: max |logit difference| "
             f"{parity.max_abs_diff:.3g} (allowed {ex.parity_max_abs_diff:g}), top-1 agreement "
             f"{parity.top1_agreement:.2%}, production vs training input "
             f"{parity.preprocessing_max_abs_diff:.3g}; "
             "try export.exporter: torchscript or another export.opset"
         )
-    if refused:
-        raise CheckFailed(
+    elif refused:
+        failure = CheckFailed(
             "; ".join(refused) + f" (export.max_accuracy_drop {ex.max_accuracy_drop:g}); see {EXPORT_METRICS}"
         )
+    _log_export(params, root, meta, summary, failure)
     log.info(
         "exported %s: parity on %d val images max |diff| %.2e, top-1 agreement %.0f%%; test accuracy %.4f",
         ONNX_MODEL,
@@ -953,19 +998,19 @@ def _export_variants(
     return refused
 
 
-def _log_export(params: Params, root: Path, meta: dict, summary: dict) -> None:
+def _log_export(params: Params, root: Path, meta: dict, summary: dict, failure: CheckFailed | None) -> None:
+    """The export run (parity, accuracies, the ONNX files); ``failure`` is raised inside it."""
     import mlflow
 
     from synermix.tracking import flatten, mlflow_run
 
     tags = {
-        "stage": "export",
         "model_run_id": str(meta.get("mlflow_run_id", "")),
         "weights_sha256": meta["weights_sha256"],
         "onnx_sha256": summary["onnx_sha256"],
         "onnx_provider": summary["provider"],
     }
-    with mlflow_run(params.mlflow, "export", tags):
+    with mlflow_run(params, "export", root, tags) as run:
         mlflow.log_params(flatten({"export": params.export.model_dump(mode="json")}))
         values = {f"parity_{k}": float(v) for k, v in summary["parity"].items() if k != "tolerance"}
         values |= {f"test_accuracy_{k}": float(v) for k, v in summary["test_accuracy"].items()}
@@ -974,3 +1019,79 @@ def _log_export(params: Params, root: Path, meta: dict, summary: dict) -> None:
         mlflow.log_artifact(str(root / EXPORT_METRICS))
         for path in sorted((root / EXPORT_DIR).glob("*.onnx")):
             mlflow.log_artifact(str(path), artifact_path="onnx")
+        _tag_training_run(meta, {"export_run_id": run.info.run_id, "onnx_sha256": summary["onnx_sha256"]})
+        if failure is not None:
+            raise failure
+
+
+def _tag_training_run(meta: dict, tags: dict[str, str]) -> None:
+    """Point the training run at a later stage's run (the registry follows these links)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    train_run = meta.get("mlflow_run_id")
+    if not train_run:
+        return
+    try:
+        client = mlflow.MlflowClient()
+        for key, value in tags.items():
+            client.set_tag(train_run, key, value)
+    except MlflowException as exc:
+        log.warning(
+            "could not tag training run %s (%s): is MLflow the store it was trained in?", train_run, exc
+        )
+
+
+# --------------------------------------------------------------------------- register
+REGISTER_REPORT = Path("reports/register.json")
+
+
+def _read_json(path: Path, stage: str) -> dict:
+    if not path.is_file():
+        raise UserError(f"no {path}: run the {stage} stage first (dvc repro)")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not readable JSON ({exc}); rerun the {stage} stage (dvc repro)") from None
+
+
+def run_register(params: Params, root: Path = Path(".")) -> dict:
+    """Register models/onnx/model.onnx as a version of ``registry.model_name`` when its
+    gates passed; it gets ``candidate`` (and ``pilot`` with ``registry.auto_pilot``).
+
+    The same ONNX file (by sha256) is never registered twice: a rerun finds its version.
+    """
+    import mlflow
+
+    from synermix import rollout
+    from synermix.tracking import mlflow_run
+
+    evaluation = _read_json(root / EVAL_METRICS, "evaluate")
+    export = _read_json(root / EXPORT_METRICS, "export")
+    onnx_path = root / ONNX_MODEL
+    if not onnx_path.is_file() or not (root / MODEL_DIR / "model.json").is_file():
+        raise UserError(f"no {ONNX_MODEL} or {MODEL_DIR}: run the train and export stages first (dvc repro)")
+    meta = json.loads((root / MODEL_DIR / "model.json").read_text())
+    onnx_sha = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+    if export.get("onnx_sha256") != onnx_sha:
+        raise UserError(f"{ONNX_MODEL} is not the file {EXPORT_METRICS} describes; rerun export (dvc repro)")
+    if not export.get("parity", {}).get("passed"):
+        raise CheckFailed(f"{EXPORT_METRICS} says the ONNX model failed its parity check; not registered")
+    name = params.registry.model_name
+    with mlflow_run(params, "register", root, {"model_name": name}) as run:
+        mlflow.log_params({"registry.model_name": name, "registry.auto_pilot": params.registry.auto_pilot})
+        if not evaluation.get("passed"):
+            # only reachable with gates.enforce: false (an enforced failure stops evaluate)
+            note = "gates failed (gates.enforce is false): not registered"
+            summary = {"registered": False, "reason": note, "model_name": name, "onnx_sha256": onnx_sha}
+            mlflow.set_tag("registered", "false")
+            log.warning("%s; see %s", note, EVAL_REPORT)
+        else:
+            summary = rollout.register_version(
+                rollout.client_for(params), params, root, run, onnx_path, meta, evaluation, export
+            )
+            mlflow.set_tags({"registered": "true", "model_version": summary["version"]})
+        (root / REGISTER_REPORT).parent.mkdir(parents=True, exist_ok=True)
+        (root / REGISTER_REPORT).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        mlflow.log_artifact(str(root / REGISTER_REPORT))
+    return summary

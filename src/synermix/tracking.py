@@ -2,8 +2,15 @@
 
 The tracking URI comes from ``MLFLOW_TRACKING_URI`` when set, else ``mlflow.tracking_uri``
 in params.yaml (default: a SQLite file in the project root; MLflow 3.17 refuses the old
-file store). The tune stage keeps one run per study with a child run per trial; later
-issues grow this into parent/child runs per ``dvc repro``.
+file store).
+
+Lineage: each ``dvc repro`` leaves one *pipeline* run (run name ``dvc repro``, tag
+``synermix_role=pipeline``) holding every param, params.yaml, dvc.yaml and dvc.lock, with
+a child run per stage that ran. The tune stage's run is the study's run, with a child per
+trial; a study resumed by a later repro moves under that repro. Every run carries the
+git commit and dirty flag, the manifest's sha256 and the dvc.lock hash of each stage
+upstream of it (``dvc_lock.<stage>``); the pipeline run points at its children with
+``run.<stage>`` tags. How stages of one repro find each other: :mod:`synermix.lineage`.
 """
 
 from __future__ import annotations
@@ -14,9 +21,11 @@ import subprocess
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
-from synermix.config import MlflowParams
+from synermix import lineage
+from synermix.config import MlflowParams, Params
 
 log = logging.getLogger(__name__)
 
@@ -52,22 +61,137 @@ def git_state() -> dict[str, str]:
 
 
 def quiet_mlflow_logs() -> None:
-    """MLflow and alembic log every schema step at INFO; keep only their warnings."""
+    """MLflow and alembic log every schema step at INFO; keep only their warnings (and no
+    progress bar for each small artifact download)."""
     for noisy in ("mlflow", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+#: where the manifest lives once prepare has run (its sha256 goes on every run)
+MANIFEST = Path("data/prepared/manifest.csv")
+PIPELINE_ROLE = "pipeline"
+
+
+class PipelineLineage:
+    """A stage's place in its ``dvc repro``: the pipeline run (found or created) and the
+    tags that tie the stage's own run to it. Without a pipeline key (a stage run by hand)
+    there is no pipeline run and the stage's run stands alone."""
+
+    def __init__(self, client: Any, experiment: str, params: Params, stage: str, root: Path) -> None:
+        self.client = client
+        self.stage = stage
+        self.root = root
+        self.key = lineage.pipeline_key()
+        self.locks = lineage.dvc_lock_hashes(root, before=stage)
+        self.parent = self._find_or_create(experiment, params) if self.key else None
+
+    def _find_or_create(self, experiment: str, params: Params) -> str:
+        """The oldest run with this key; two stages creating one at once keep the older."""
+        query = f"tags.synermix_pipeline_key = '{self.key}'"
+
+        def oldest() -> Any:
+            runs = self.client.search_runs([experiment], query, max_results=50)
+            return min(runs, key=lambda r: (r.info.start_time, r.info.run_id)) if runs else None
+
+        found = oldest()
+        if found is not None:
+            return found.info.run_id
+        tags = {**git_state(), "synermix_pipeline_key": self.key, "synermix_role": PIPELINE_ROLE}
+        mine = self.client.create_run(experiment, run_name="dvc repro", tags=tags).info.run_id
+        winner = oldest().info.run_id
+        if winner != mine:
+            self.client.delete_run(mine)
+            return winner
+        self._log_params(mine, params)
+        for name in ("params.yaml", "dvc.yaml"):
+            if (self.root / name).is_file():
+                self.client.log_artifact(mine, str(self.root / name), artifact_path="pipeline")
+        log.info("pipeline run %s for this dvc repro", mine)
+        return mine
+
+    def _log_params(self, run_id: str, params: Params) -> None:
+        from mlflow.entities import Param
+
+        flat = flatten(params.model_dump(mode="json", by_alias=True))
+        # a storage URL may hold a password: tuning logs it redacted, so leave it out here
+        flat.pop("tune.storage", None)
+        batch = [Param(k, str(v)[:6000]) for k, v in sorted(flat.items())]
+        for start in range(0, len(batch), 100):  # log_batch takes at most 100 params
+            self.client.log_batch(run_id, params=batch[start : start + 100])
+
+    def tags(self) -> dict[str, str]:
+        """Tags for the stage's own run."""
+        tags = {**git_state(), "stage": self.stage, "synermix_role": self.stage}
+        tags |= {f"dvc_lock.{name}": value for name, value in self.locks.items()}
+        manifest = lineage.file_sha256(self.root / MANIFEST)
+        if manifest:
+            tags["manifest_sha256"] = manifest
+        if self.parent:
+            tags |= {"mlflow.parentRunId": self.parent, "pipeline_run_id": self.parent}
+        return tags
+
+    def attach(self, run_id: str) -> None:
+        """Record the stage's run on the pipeline run, which is open while a stage runs."""
+        if not self.parent:
+            return
+        self.client.update_run(self.parent, status="RUNNING")
+        self.client.set_tag(self.parent, f"run.{self.stage}", run_id)
+        for name, value in self.locks.items():
+            self.client.set_tag(self.parent, f"dvc_lock.{name}", value)
+        if (self.root / "dvc.lock").is_file():  # as left by the stages before this one
+            self.client.log_artifact(self.parent, str(self.root / "dvc.lock"), artifact_path="pipeline")
+
+    def finish(self, run_id: str, failed: bool) -> None:
+        """Stamp the manifest (prepare writes it) and close the pipeline run with this
+        stage's outcome: the last stage that ran decides how the repro ended."""
+        manifest = lineage.file_sha256(self.root / MANIFEST)
+        if manifest:
+            self.client.set_tag(run_id, "manifest_sha256", manifest)
+        if not self.parent:
+            return
+        if manifest:
+            self.client.set_tag(self.parent, "manifest_sha256", manifest)
+        ran = self.client.get_run(self.parent).data.tags.get("stages_ran", "")
+        stages = [s for s in ran.split(",") if s and s != self.stage] + [self.stage]
+        self.client.set_tag(self.parent, "stages_ran", ",".join(stages))
+        if failed:
+            self.client.set_tag(self.parent, "failed_stage", self.stage)
+        self.client.set_terminated(self.parent, "FAILED" if failed else "FINISHED")
 
 
 @contextmanager
-def mlflow_run(params: MlflowParams, run_name: str, tags: Mapping[str, str] | None = None) -> Iterator[Any]:
-    """Start (and end) an MLflow run in the configured store and experiment."""
+def mlflow_run(
+    params: Params, stage: str, root: Path = Path("."), tags: Mapping[str, str] | None = None
+) -> Iterator[Any]:
+    """An MLflow run for one stage, a child of this ``dvc repro``'s pipeline run.
+
+    The run ends FAILED, and so does the pipeline run, when the stage raises.
+    """
     import mlflow
 
     quiet_mlflow_logs()
-    mlflow.set_tracking_uri(tracking_uri(params))
-    mlflow.set_experiment(params.experiment)
-    with mlflow.start_run(run_name=run_name, tags={**git_state(), **(tags or {})}) as run:
-        log.info("MLflow run %s in %s", run.info.run_id, tracking_uri(params))
-        yield run
+    uri = tracking_uri(params.mlflow)
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.set_experiment(params.mlflow.experiment).experiment_id
+    place = PipelineLineage(mlflow.MlflowClient(uri), experiment, params, stage, root)
+    with mlflow.start_run(run_name=stage, tags={**place.tags(), **(tags or {})}) as run:
+        log.info("MLflow run %s in %s", run.info.run_id, uri)
+        place.attach(run.info.run_id)
+        with stage_outcome(place, run.info.run_id):
+            yield run
+
+
+@contextmanager
+def stage_outcome(place: PipelineLineage | None, run_id: str | None) -> Iterator[None]:
+    """Close the stage's place in the pipeline run with its outcome, failure included."""
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        if place is not None and run_id:
+            place.finish(run_id, failed)
 
 
 def experiment_id(params: MlflowParams) -> str:
@@ -83,7 +207,8 @@ def tune_parent_run(client: Any, experiment: str, study: str, tags: Mapping[str,
     """The one MLflow run that holds a study's trials, shared by every worker and resume.
 
     Found by its ``optuna_study`` tag; the first worker creates it. Two workers that
-    create one at the same moment both keep the older and delete their own.
+    create one at the same moment both keep the older and delete their own. ``tags``
+    (lineage) are set on a found run too: a resuming repro takes the study's run over.
     """
     query = f"tags.optuna_study = '{study}' and tags.synermix_role = 'tune'"
 
@@ -93,11 +218,13 @@ def tune_parent_run(client: Any, experiment: str, study: str, tags: Mapping[str,
 
     found = oldest()
     if found is not None:
+        for key, value in tags.items():
+            client.set_tag(found.info.run_id, key, value)
         return found.info.run_id
     mine = client.create_run(
         experiment,
         run_name="tune",
-        tags={**git_state(), **tags, "optuna_study": study, "synermix_role": "tune", "stage": "tune"},
+        tags={**git_state(), **tags, "optuna_study": study, "synermix_role": "tune"},
     ).info.run_id
     winner = oldest().info.run_id
     if winner != mine:

@@ -1,0 +1,16 @@
+"""DVC stage `register`: a model that passed its gates becomes a registry version with @candidate."""
+
+from synermix.cli import setup_logging
+from synermix.config import load_params
+from synermix.errors import exit_on_user_error
+from synermix.stages import run_register
+
+
+@exit_on_user_error
+def main() -> None:
+    setup_logging()
+    run_register(load_params("params.yaml"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Lineage: the stages of one `dvc repro` under one MLflow pipeline run (the real DVC process
+tree is exercised by tests/test_pipeline_dvc.py; here the key comes from the environment)."""
+
+import hashlib
+import json
+
+import pytest
+import yaml
+
+from synermix import lineage
+from synermix.config import parse_params
+from synermix.errors import CheckFailed
+from synermix.stages import run_evaluate, run_validate
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "expected"),
+    [
+        (["/usr/bin/python3", "/x/.venv/bin/dvc", "repro"], True),
+        (["python", "-m", "dvc", "exp", "run", "-S", "a=1"], True),
+        (["dvc", "repro", "-s", "train"], True),
+        (["/x/.venv/bin/dvc", "status"], False),
+        (["python", "pipeline/train.py"], False),
+        (["/bin/sh", "-c", "python pipeline/train.py"], False),
+    ],
+)
+def test_dvc_process_recognised(cmdline, expected):
+    assert lineage._is_dvc_run(cmdline) is expected
+
+
+def test_no_pipeline_key_outside_dvc(monkeypatch):
+    monkeypatch.delenv(lineage.PIPELINE_KEY_ENV, raising=False)
+    assert lineage.pipeline_key() is None  # pytest does not descend from a dvc process
+    monkeypatch.setenv(lineage.PIPELINE_KEY_ENV, "ci-build-42")
+    assert lineage.pipeline_key() == "ci-build-42"
+
+
+def test_dvc_lock_hashes_cover_upstream_stages_only(tmp_path):
+    entries = {
+        "prepare": {"cmd": "python pipeline/prepare.py", "outs": [{"path": "data/prepared", "md5": "a.dir"}]},
+        "train": {"cmd": "python pipeline/train.py", "params": {"params.yaml": {"seed": 1}}},
+        "export": {"cmd": "python pipeline/export.py"},
+    }
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": entries}))
+    hashes = lineage.dvc_lock_hashes(tmp_path, before="evaluate")
+    assert set(hashes) == {"prepare", "train"}  # export's entry is from an older run
+    canonical = json.dumps(entries["train"], sort_keys=True, separators=(",", ":"))
+    assert hashes["train"] == hashlib.sha256(canonical.encode()).hexdigest()
+    assert set(lineage.dvc_lock_hashes(tmp_path)) == {"prepare", "train", "export"}
+    assert lineage.dvc_lock_hashes(tmp_path / "nowhere") == {}
+
+
+def test_stages_of_one_repro_share_a_pipeline_run(tmp_path, train_project, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv(lineage.PIPELINE_KEY_ENV, "repro-1")
+    (tmp_path / "params.yaml").write_text("seed: 123\n")
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"stages": {"prepare": {"cmd": "x"}}}))
+    raw = train_project({"crack": 16, "ok": 16}, "lineage-test")
+    params = parse_params(raw)
+    run_validate(params, tmp_path)
+    strict = parse_params({**raw, "gates": {"min_accuracy": 1.0, "champion": {"enabled": False}}})
+    with pytest.raises(CheckFailed):
+        run_evaluate(strict, tmp_path)
+
+    client = MlflowClient()
+    (experiment,) = [e.experiment_id for e in client.search_experiments() if e.name == "lineage-test"]
+    (parent,) = client.search_runs([experiment], "tags.synermix_role = 'pipeline'")
+    assert parent.data.tags["synermix_pipeline_key"] == "repro-1"
+    children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    stages = {r.data.tags["stage"]: r for r in children}
+    assert set(stages) == {"prepare", "train", "validate", "evaluate"}
+    assert parent.data.tags["stages_ran"] == "prepare,train,validate,evaluate"
+    # the failed stage closes the pipeline run as failed, and says which stage it was
+    assert parent.info.status == "FAILED" and parent.data.tags["failed_stage"] == "evaluate"
+    assert stages["evaluate"].info.status == "FAILED" and stages["train"].info.status == "FINISHED"
+    manifest = hashlib.sha256((tmp_path / "data/prepared/manifest.csv").read_bytes()).hexdigest()
+    for name, run in stages.items():
+        assert run.data.tags["manifest_sha256"] == manifest, name
+        assert run.data.tags["pipeline_run_id"] == parent.info.run_id
+        assert parent.data.tags[f"run.{name}"] == run.info.run_id
+    assert (
+        "dvc_lock.prepare" in stages["train"].data.tags
+        and "dvc_lock.prepare" not in stages["prepare"].data.tags
+    )
+    # every param, once, on the pipeline run; params.yaml and dvc.lock attached
+    assert parent.data.params["seed"] == "123" and parent.data.params["train.epochs"] == "1"
+    assert parent.data.params["gates.min_accuracy"] == "0.5"  # as the first stage saw them
+    paths = {a.path for a in client.list_artifacts(parent.info.run_id, "pipeline")}
+    assert paths == {"pipeline/params.yaml", "pipeline/dvc.lock"}
+    assert {a.path for a in client.list_artifacts(stages["validate"].info.run_id, "validation")} == {
+        "validation/validation.md",
+        "validation/validation.json",
+        "validation/quarantine.csv",
+    }
+
+    # the next repro is another pipeline run; a stage run by hand belongs to none
+    monkeypatch.setenv(lineage.PIPELINE_KEY_ENV, "repro-2")
+    run_validate(params, tmp_path)
+    monkeypatch.delenv(lineage.PIPELINE_KEY_ENV)
+    run_validate(params, tmp_path)
+    pipelines = client.search_runs([experiment], "tags.synermix_role = 'pipeline'")
+    assert len(pipelines) == 2
+    validations = client.search_runs([experiment], "tags.stage = 'validate'")
+    assert sorted(bool(r.data.tags.get("mlflow.parentRunId")) for r in validations) == [False, True, True]
