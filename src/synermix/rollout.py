@@ -92,6 +92,8 @@ def _lineage_runs(client: Any, meta: Mapping[str, Any], register_run: Any) -> di
         )
         if tags.get(tag)
     }
+    if parent and parent == runs.get("pipeline_run_id"):
+        del runs["register_pipeline_run_id"]  # trained and registered by the same repro
     study = tags.get("tuned_by_study")
     if study:
         query = f"tags.optuna_study = '{study}' and tags.synermix_role = 'tune'"
