@@ -19,11 +19,11 @@ $(STAMP): pyproject.toml requirements.lock
 repro: install
 	dvc repro
 
-# the default suite: everything but the end-to-end `dvc repro` tests (about 5 minutes on 2 cores)
+# the default suite: everything but the end-to-end `dvc repro` tests (about 6 minutes on 2 cores)
 test: install
 	pytest -m "not slow"
 
-# the end-to-end tests: real `dvc repro` in a temporary git repo (about 5.5 minutes); CI runs both
+# the end-to-end tests: real `dvc repro` in a temporary git repo (about 6 minutes); CI runs both
 test-slow: install
 	pytest -m slow
 
