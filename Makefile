@@ -28,12 +28,12 @@ test-slow: install
 	pytest -m slow
 
 lint: install
-	ruff check src pipeline tests bench
-	ruff format --check src pipeline tests bench
+	ruff check src pipeline tests bench docker
+	ruff format --check src pipeline tests bench docker
 
 format: install
-	ruff check --fix src pipeline tests bench
-	ruff format src pipeline tests bench
+	ruff check --fix src pipeline tests bench docker
+	ruff format src pipeline tests bench docker
 
 lock: install
 	( head -n 2 requirements.lock; $(BIN)/python -m pip freeze --exclude-editable | grep -v '^synermix' ) > requirements.lock.new

@@ -1,6 +1,7 @@
 # Training image: runs the pipeline (`dvc repro`) on the project checked out in the build context.
-# The pinned torch wheel is a CUDA build: the same image trains on CPU, or on a GPU with
-# `docker run --gpus all` on a host with the NVIDIA container toolkit.
+# The pinned torch wheel is a CUDA build that brings its own CUDA 13.0 and cuDNN 9 libraries (pip
+# packages), so a plain Python base will do: the same image trains on CPU, or on a GPU with
+# `docker run --gpus all` on a host with the NVIDIA container toolkit and a driver 580 or newer.
 #   docker build -f docker/train.Dockerfile -t synermix-train .
 #   docker run --rm -v "$PWD:/workspace" synermix-train
 FROM python:3.11-slim-bookworm

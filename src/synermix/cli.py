@@ -64,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
         help="run the register stage (a version of registry.model_name with the candidate alias)",
     )
     _rollout_parsers(sub)
+    _serve_parser(sub)
     predict = sub.add_parser(
         "predict",
         help="classify image files or folders with an exported ONNX model (CSV or JSON out)",
@@ -144,6 +145,79 @@ def _rollout_parsers(sub) -> None:
     verify.add_argument("folder", type=Path)
 
 
+def _serve_parser(sub) -> None:
+    serve = sub.add_parser(
+        "serve",
+        help="the inspection-line HTTP service (defaults: serve: in params.yaml)",
+        description="Serve a model over HTTP: POST /v1/predict (image bytes), /v1/predict/batch "
+        "(multipart), GET /v1/model, /healthz, /readyz, /metrics. Each flag overrides serve.* in "
+        "params.yaml (used when the file exists).",
+    )
+    serve.add_argument("--model", help="bundle folder, .onnx file or models:/<name>@<alias> (followed)")
+    serve.add_argument("--shadow", help="a second model scored on the same requests, for pilots")
+    serve.add_argument("--shadow-log", help="JSON-lines file of shadow comparisons")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1: loopback only)")
+    serve.add_argument("--port", type=int)
+    serve.add_argument(
+        "--token-file", type=Path, help="require 'Authorization: Bearer <token>' (or SYNERMIX_SERVE_TOKEN)"
+    )
+    serve.add_argument("--abstain", type=float, metavar="P", help="abstain below this top probability")
+    serve.add_argument("--max-request-mb", type=float)
+    serve.add_argument("--max-files", type=int, help="files per batch request")
+    serve.add_argument("--poll-seconds", type=float, help="how often to look for a new model (0: never)")
+    serve.add_argument("--max-batch", type=int, help="most images per onnxruntime run")
+    serve.add_argument("--provider", choices=("auto", "cpu", "cuda", "tensorrt"))
+    serve.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    serve.add_argument("--max-pixels", type=int, default=40_000_000, help="decompression-bomb guard")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """``synermix serve``: params.yaml's serve section (when present), overridden by flags."""
+    from synermix.config import ServeParams
+    from synermix.errors import UserError
+    from synermix.serve import ServeSettings, run
+
+    path = Path(args.params)
+    params = load_params(path) if path.is_file() else None
+    base = params.serve if params else ServeParams()
+    chosen = {k: getattr(args, k) for k in ServeParams.model_fields if getattr(args, k, None) is not None}
+    try:
+        values = ServeParams.model_validate({**base.model_dump(), **chosen})
+    except Exception as exc:
+        raise UserError(f"serve flags: {exc}") from None
+    token = os.environ.get("SYNERMIX_SERVE_TOKEN") or None
+    if args.token_file:
+        if not args.token_file.is_file():
+            raise UserError(f"--token-file {args.token_file}: no such file")
+        token = args.token_file.read_text().strip()
+        if not token:
+            raise UserError(f"--token-file {args.token_file} is empty")
+    uri = None
+    if params and not os.environ.get("MLFLOW_TRACKING_URI"):
+        from synermix.tracking import tracking_uri
+
+        uri = tracking_uri(params.mlflow)
+    settings = ServeSettings(
+        model=values.model,
+        shadow=values.shadow,
+        host=values.host,
+        port=values.port,
+        token=token,
+        abstain=values.abstain,
+        max_request_bytes=int(values.max_request_mb * 2**20),
+        max_pixels=args.max_pixels,
+        max_files=values.max_files,
+        poll_seconds=values.poll_seconds,
+        max_batch=values.max_batch,
+        provider=values.provider,
+        threads=args.threads,
+        shadow_log=Path(values.shadow_log) if values.shadow and values.shadow_log else None,
+        tracking_uri=uri,
+    )
+    run(settings)
+    return 0
+
+
 def _rollout(args: argparse.Namespace, params) -> int:
     import json
 
@@ -187,41 +261,13 @@ def _say(text: str) -> None:
     sys.stdout.write(text + ("" if text.endswith("\n") else "\n"))
 
 
-def _model_path(spec: str, tmp: Path) -> Path:
-    """--model as a file to run: an ONNX file, a verified bundle, or a registered version."""
-    from synermix.bundle import is_bundle, verify_bundle
-    from synermix.errors import UserError
+def _registry_uri() -> str | None:
+    """For a models:/ --model: MLFLOW_TRACKING_URI, else ./params.yaml's store, else MLflow's default."""
+    if os.environ.get("MLFLOW_TRACKING_URI") or not Path("params.yaml").is_file():
+        return None
+    from synermix.tracking import tracking_uri
 
-    if spec.startswith("models:/"):
-        from mlflow.artifacts import download_artifacts
-        from mlflow.exceptions import MlflowException
-
-        from synermix.tracking import quiet_mlflow_logs
-
-        quiet_mlflow_logs()
-        try:  # MLFLOW_TRACKING_URI, else the project's params decide the store
-            if not os.environ.get("MLFLOW_TRACKING_URI") and Path("params.yaml").is_file():
-                from synermix.tracking import tracking_uri
-
-                uri = tracking_uri(load_params(Path("params.yaml")).mlflow)
-            else:
-                uri = None
-            folder = Path(download_artifacts(artifact_uri=spec, dst_path=str(tmp), tracking_uri=uri))
-        except MlflowException as exc:
-            raise UserError(f"{spec}: cannot fetch it from MLflow ({exc.message})") from None
-        if not (folder / "model.onnx").is_file():
-            raise UserError(f"{spec} holds no model.onnx: only versions from the register stage run here")
-        return folder / "model.onnx"
-    path = Path(spec)
-    if path.is_dir():
-        if not is_bundle(path):
-            raise UserError(
-                f"{path}: a folder but not a bundle (no SHA256SUMS + model.onnx); see synermix bundle"
-            )
-        return verify_bundle(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no ONNX model there; run the export stage (dvc repro) or pass --model")
-    return path
+    return tracking_uri(load_params(Path("params.yaml")).mlflow)
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -236,7 +282,9 @@ def _predict(args: argparse.Namespace) -> int:
     if missing:
         raise UserError(f"no such file or folder: {', '.join(missing)}")
     with tempfile.TemporaryDirectory() as tmp:
-        return _predict_with(args, _model_path(args.model, Path(tmp)))
+        from synermix.bundle import model_file
+
+        return _predict_with(args, model_file(args.model, Path(tmp), _registry_uri()))
 
 
 def _predict_with(args: argparse.Namespace, model: Path) -> int:
@@ -294,6 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose)
     if args.command == "predict":  # needs the model file only, not params.yaml
         return _predict(args)
+    if args.command == "serve":  # params.yaml is optional on a line machine
+        return _serve(args)
     if args.command == "verify-bundle":
         from synermix.bundle import verify_bundle
 

@@ -484,6 +484,31 @@ class RegistryParams(_Section):
         return value
 
 
+class ServeParams(_Section):
+    """``synermix serve`` defaults (each has a command-line flag that overrides it)."""
+
+    #: a bundle folder, an .onnx file, or models:/<name>@<alias>
+    model: str = "models/onnx/model.onnx"
+    #: a second model scored on the same requests (answers come from model), or null
+    shadow: str | None = None
+    shadow_log: str | None = "reports/shadow.jsonl"
+    #: loopback unless told otherwise; 0.0.0.0 exposes the service to the network
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8080
+    #: top-class probability below which an image is answered "abstain" (manual inspection)
+    abstain: Fraction = 0.0
+    max_request_mb: Annotated[float, Field(gt=0, le=1024)] = 20.0
+    #: files per /v1/predict/batch request
+    max_files: Annotated[int, Field(ge=1, le=10_000)] = 64
+    #: how often the model's source (alias, bundle, file) is checked for a new model; 0: never
+    poll_seconds: Annotated[float, Field(ge=0)] = 30.0
+    #: most images per onnxruntime run when requests queue up (micro-batching)
+    max_batch: Annotated[int, Field(ge=1, le=1024)] = 32
+    provider: Literal["auto", "cpu", "cuda", "tensorrt"] = "auto"
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
 class MlflowParams(_Section):
     #: Overridden by the MLFLOW_TRACKING_URI environment variable when set.
     tracking_uri: str = "sqlite:///mlflow.db"
@@ -509,6 +534,7 @@ class Params(_Section):
     gates: GateParams = Field(default_factory=GateParams)
     export: ExportParams = Field(default_factory=ExportParams)
     registry: RegistryParams = Field(default_factory=RegistryParams)
+    serve: ServeParams = Field(default_factory=ServeParams)
     mlflow: MlflowParams = Field(default_factory=MlflowParams)
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)

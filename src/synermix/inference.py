@@ -119,8 +119,13 @@ def _gpu_present() -> bool:
     return bool(glob.glob("/dev/nvidia[0-9]*"))
 
 
-def make_session(path: str | Path, provider: str = "auto", threads: int | None = None) -> tuple[Any, str]:
+def make_session(
+    path: str | Path, provider: str = "auto", threads: int | None = None, spin: bool = True
+) -> tuple[Any, str]:
     """An onnxruntime session and the provider it really runs on.
+
+    ``spin=False`` stops onnxruntime's worker threads busy-waiting between runs: a service
+    shares its cores with request decoding, which spinning threads would starve.
 
     ``auto`` asks for CUDA when this build offers it and a GPU is present, else CPU; ``cuda`` and
     ``tensorrt`` ask for those first (TensorRT only when asked: it builds engines at start).
@@ -142,6 +147,8 @@ def make_session(path: str | Path, provider: str = "auto", threads: int | None =
     options.log_severity_level = 3  # onnxruntime's own provider warnings: we report the outcome
     if threads:
         options.intra_op_num_threads = threads
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), sess_options=options, providers=asked)
     used = session.get_providers()[0]
     if used != asked[0]:
@@ -193,11 +200,12 @@ class Classifier:
         provider: str = "auto",
         max_pixels: int = DEFAULT_MAX_PIXELS,
         threads: int | None = None,
+        spin: bool = True,
     ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no such model file")
-        self.session, self.provider = make_session(self.path, provider, threads)
+        self.session, self.provider = make_session(self.path, provider, threads, spin)
         self.info = ModelInfo.from_metadata(self.session.get_modelmeta().custom_metadata_map)
         self.preprocess = Preprocessor(self.info, max_pixels)
         self.input_name = self.session.get_inputs()[0].name
@@ -219,6 +227,13 @@ class Classifier:
         e = np.exp(z)
         return e / e.sum(axis=1, keepdims=True)
 
+    def result(self, name: str, probabilities: np.ndarray, abstain_below: float = 0.0) -> Prediction:
+        """One image's :class:`Prediction` from its class probabilities."""
+        top = int(probabilities.argmax())
+        status = "abstain" if probabilities[top] < abstain_below else "ok"
+        scores = {c: float(v) for c, v in zip(self.class_names, probabilities, strict=True)}
+        return Prediction(name, status, self.class_names[top], float(probabilities[top]), scores)
+
     def predict(
         self, items: Iterable[tuple[str, bytes | str]], batch_size: int = 32, abstain_below: float = 0.0
     ) -> list[Prediction]:
@@ -236,10 +251,7 @@ class Classifier:
                 return
             probs = self.probabilities(np.stack([x for _, _, x in pending]))
             for (slot, name, _), p in zip(pending, probs, strict=True):
-                top = int(p.argmax())
-                status = "abstain" if p[top] < abstain_below else "ok"
-                scores = {c: float(v) for c, v in zip(self.class_names, p, strict=True)}
-                results[slot] = Prediction(name, status, self.class_names[top], float(p[top]), scores)
+                results[slot] = self.result(name, p, abstain_below)
             pending.clear()
 
         for name, data in items:

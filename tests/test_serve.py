@@ -1,0 +1,385 @@
+"""The inspection-line service over real HTTP (uvicorn on loopback) with real ONNX models:
+round trip against `synermix predict`, bad payloads, the token, hot swap under load, the
+registry alias it follows, shadow mode and the metrics."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from synermix import onnx_export as ox
+from synermix.bundle import verify_bundle, write_bundle
+from synermix.data.transforms import Preprocessing
+from synermix.inference import Classifier, read_files
+from synermix.serve import ServeSettings, Service, create_app
+
+from .conftest import huge_png_header, noise_image, png_bytes
+from .test_bundle import CLASSES, TinyNet
+
+
+def tiny_bundle(folder: Path, seed: int) -> Path:
+    """A bundle of a tiny real model; another seed gives other weights (another sha256)."""
+    torch.manual_seed(seed)
+    onnx_path = folder.parent / f"tiny-{seed}-{uuid.uuid4().hex[:6]}.onnx"
+    meta = {
+        "arch": "tiny",
+        "class_names": CLASSES,
+        "preprocessing": Preprocessing(16, 1, (0.5,), (0.25,)).to_dict(),
+        "prepare_image_size": None,
+        "method": "synermix",
+        "beta": 0.3,
+        "weights_sha256": f"{seed:064d}",
+        "mlflow_run_id": f"run-{seed}",
+    }
+    metadata = ox.model_metadata(meta, "torchscript", 18)
+    ox.export_onnx(TinyNet(), 1, 16, onnx_path, "torchscript", 18, metadata)
+    return write_bundle({"model.onnx": onnx_path}, folder, {"version": str(seed)})
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bundles")
+    return {name: tiny_bundle(root / name, seed) for name, seed in (("a", 1), ("b", 2))}
+
+
+BROKEN_MULTIPART = "multipart/form-data; boundary=zz"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def serving(model: str, **options):
+    """A started service on a free loopback port, in this process (uvicorn in a thread)."""
+    import uvicorn
+
+    settings = ServeSettings(model=model, port=free_port(), **options)
+    service = Service(settings)
+    service.start()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(service), host="127.0.0.1", port=settings.port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield Client(settings.port), service
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        service.stop()
+
+
+class Client:
+    """A keep-alive HTTP client for one server (one connection per calling thread)."""
+
+    def __init__(self, port: int, token: str | None = None) -> None:
+        self.port = port
+        self.token = token
+        self._local = threading.local()
+
+    def request(self, method: str, path: str, body=None, headers=None) -> tuple[int, dict | str]:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        headers = dict(headers or {})
+        if self.token:
+            headers.setdefault("Authorization", f"Bearer {self.token}")
+        try:
+            chunked = body is not None and not isinstance(body, bytes)  # an iterable: no Content-Length
+            conn.request(method, path, body=body, headers=headers, encode_chunked=chunked)
+            response = conn.getresponse()
+            data = response.read()
+        except (http.client.HTTPException, OSError):
+            self._local.conn = None
+            raise
+        text = data.decode()
+        kind = response.getheader("content-type", "")
+        return response.status, json.loads(text) if kind.startswith("application/json") else text
+
+    def predict(self, data: bytes, kind: str = "image/png") -> tuple[int, dict]:
+        return self.request("POST", "/v1/predict", data, {"Content-Type": kind})
+
+    def batch(self, files: list[tuple[str, bytes]]) -> tuple[int, dict]:
+        body, kind = multipart(files)
+        return self.request("POST", "/v1/predict/batch", body, {"Content-Type": kind})
+
+
+def multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    parts = []
+    for i, (name, data) in enumerate(files):
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file{i}"; filename="{name}"\r\n'
+            f"Content-Type: application/octet-stream\r\n\r\n".encode()
+            + data
+            + b"\r\n"
+        )
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def images(n: int, start: int = 0) -> list[tuple[str, bytes]]:
+    return [(f"img{i}.png", png_bytes(noise_image(start + i, size=(24 + i, 20 + i)))) for i in range(n)]
+
+
+def test_round_trip_matches_synermix_predict(bundles, tmp_path):
+    files = images(5)
+    for name, data in files:
+        (tmp_path / name).write_bytes(data)
+    expected = Classifier(verify_bundle(bundles["a"]), provider="cpu").predict(
+        read_files([tmp_path / name for name, _ in files])
+    )
+    with serving(str(bundles["a"]), provider="cpu", poll_seconds=0) as (client, _):
+        for (_, data), want in zip(files, expected, strict=True):
+            code, answer = client.predict(data)
+            assert code == 200, answer
+            got = answer["prediction"]
+            assert got["class"] == want.label and got["status"] == "ok"
+            for c in CLASSES:
+                assert got[f"score_{c}"] == pytest.approx(want.scores[c], abs=1e-6)
+        code, answer = client.batch([*files[:3], ("notes.txt", b"not an image")])
+        assert code == 200
+        rows = answer["predictions"]
+        assert [r["class"] for r in rows[:3]] == [w.label for w in expected[:3]]
+        assert rows[3]["status"] == "error" and "not an image" in rows[3]["error"]
+        assert answer["model"]["sha256"] == _sha(bundles["a"] / "model.onnx")
+        code, info = client.request("GET", "/v1/model")
+        assert code == 200 and info["primary"]["classes"] == CLASSES
+        assert info["primary"]["provider"] == "CPUExecutionProvider"
+
+
+def test_bad_payloads_get_4xx_with_a_reason_never_5xx(bundles):
+    limits = {"max_request_bytes": 60_000, "max_pixels": 10_000, "max_files": 3}
+    with serving(str(bundles["a"]), provider="cpu", poll_seconds=0, **limits) as (client, _):
+        good = images(1)[0][1]
+        truncated = good[: len(good) // 2]
+        cases = [
+            (client.predict(b""), 400, "empty body"),
+            (client.predict(b"garbage bytes"), 422, "not an image"),
+            (client.predict(truncated), 422, ""),
+            (client.predict(b'{"image": "x"}', "application/json"), 415, "not an image"),
+            (client.predict(b"x" * 70_000), 413, "limit"),
+            (client.predict(huge_png_header(20_000, 20_000)), 422, "pixels"),
+            (client.request("POST", "/v1/predict", b"--zz\r\nbroken", {"Content-Type": BROKEN_MULTIPART}),
+             400, "exactly one image"),
+            (client.batch(images(4)), 400, "at most 3 files"),
+            (client.batch([]), 400, ""),
+            (client.request("POST", "/v1/predict", body=iter([good]), headers={"Content-Type": "image/png"}),
+             411, "Content-Length"),
+        ]  # fmt: skip
+        for (code, answer), expected, words in cases:
+            assert code == expected, answer
+            assert words in answer["error"]
+        assert client.predict(good)[0] == 200  # still serving
+        metrics = client.request("GET", "/metrics")[1]
+        assert "synermix_bad_images_total 3.0" in metrics
+
+
+def test_bearer_token_is_enforced_except_for_probes(bundles):
+    with serving(str(bundles["a"]), provider="cpu", poll_seconds=0, token="s3cret-token") as (client, _):
+        data = images(1)[0][1]
+        assert client.predict(data)[0] == 401
+        assert Client(client.port, "wrong").predict(data)[0] == 401
+        assert client.request("GET", "/v1/model")[0] == 401
+        for path in ("/healthz", "/readyz", "/metrics"):
+            assert client.request("GET", path)[0] == 200, path
+        authorised = Client(client.port, "s3cret-token")
+        assert authorised.predict(data)[0] == 200 and authorised.request("GET", "/v1/model")[0] == 200
+
+
+def hammer(client: Client, stop: threading.Event, seen: list, failures: list) -> None:
+    data = images(3, start=50)
+    i = 0
+    while not stop.is_set():
+        try:
+            code, answer = client.predict(data[i % 3][1])
+        except Exception as exc:  # counted: a hot swap must not fail a request
+            failures.append(repr(exc))
+            continue
+        i += 1
+        if code != 200:
+            failures.append((code, answer))
+        else:
+            seen.append(answer["model"]["sha256"])
+
+
+def wait_for(condition, seconds: float = 15.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_hot_swap_under_load_fails_no_request(bundles, tmp_path):
+    live = tmp_path / "live"
+    shutil.copytree(bundles["a"], live)
+    sha = {k: _sha(v / "model.onnx") for k, v in bundles.items()}
+    with serving(str(live), provider="cpu", poll_seconds=0.1) as (client, service):
+        stop, seen, failures = threading.Event(), [], []
+        workers = [threading.Thread(target=hammer, args=(client, stop, seen, failures)) for _ in range(4)]
+        for w in workers:
+            w.start()
+        wait_for(lambda: len(seen) > 20)
+        # a new bundle is placed: moved aside, the new one renamed in (the path is briefly absent)
+        shutil.copytree(bundles["b"], tmp_path / "incoming")
+        os.rename(live, tmp_path / "old")
+        os.rename(tmp_path / "incoming", live)
+        wait_for(lambda: seen and seen[-1] == sha["b"])
+        count = len(seen)
+        wait_for(lambda: len(seen) > count + 20)
+        # a damaged bundle is refused: the old model keeps serving
+        damaged = tmp_path / "damaged"
+        shutil.copytree(bundles["a"], damaged)
+        (damaged / "labels.txt").write_text("x\ny\nz\n")
+        os.rename(live, tmp_path / "old2")
+        os.rename(damaged, live)
+        wait_for(lambda: "not intact" in service.primary.last_error)
+        count = len(seen)
+        wait_for(lambda: len(seen) > count + 20)
+        stop.set()
+        for w in workers:
+            w.join(timeout=30)
+    assert failures == []
+    assert set(seen) == {sha["a"], sha["b"]}
+    first_b = seen.index(sha["b"])
+    assert sha["a"] not in seen[first_b + 8 :]  # (a few in-flight requests may finish on a)
+    assert seen[-1] == sha["b"]
+    metrics_text = service.metrics.registry
+    swapped = metrics_text.get_sample_value(
+        "synermix_model_reloads_total", {"role": "primary", "result": "swapped"}
+    )
+    failed = metrics_text.get_sample_value(
+        "synermix_model_reloads_total", {"role": "primary", "result": "failed"}
+    )
+    assert swapped == 1 and failed >= 1
+
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_shadow_mode_logs_agreement_and_answers_with_the_primary(bundles, tmp_path):
+    log_path = tmp_path / "shadow.jsonl"
+    files = images(6, start=200)
+    primary = Classifier(bundles["a"] / "model.onnx", provider="cpu")
+    shadow = Classifier(bundles["b"] / "model.onnx", provider="cpu")
+    with serving(str(bundles["a"]), shadow=str(bundles["b"]), shadow_log=log_path, provider="cpu",
+                 poll_seconds=0) as (client, service):  # fmt: skip
+        for _, data in files:
+            code, answer = client.predict(data)
+            assert code == 200 and answer["model"]["sha256"] == _sha(bundles["a"] / "model.onnx")
+        wait_for(lambda: log_path.is_file() and len(log_path.read_text().splitlines()) == len(files))
+        code, info = client.request("GET", "/v1/model")
+        assert info["shadow"]["sha256"] == _sha(bundles["b"] / "model.onnx")
+    records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    for record, (_, data) in zip(records, files, strict=True):
+        want_primary = primary.result("x", primary.probabilities(primary.preprocess(data)[None])[0]).label
+        want_shadow = shadow.result("x", shadow.probabilities(shadow.preprocess(data)[None])[0]).label
+        assert record["primary"]["class"] == want_primary and record["shadow"]["class"] == want_shadow
+        assert record["agree"] == (want_primary == want_shadow)
+    registry = service.metrics.registry
+    counted = sum(registry.get_sample_value("synermix_shadow_comparisons_total", {"agree": a}) or 0
+                  for a in ("true", "false"))  # fmt: skip
+    assert counted == len(files)
+
+
+def test_follows_a_registry_alias(bundles, tmp_path, monkeypatch):
+    """models:/name@alias: the version the alias points at is served, and a moved alias is
+    swapped in."""
+    import mlflow
+    import onnx
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("serve-test")
+    client = MlflowClient(uri)
+    client.create_registered_model("line")
+    for key in ("a", "b"):
+        with mlflow.start_run() as run:
+            info = mlflow.onnx.log_model(
+                onnx.load(str(bundles[key] / "model.onnx")), name="model", save_as_external_data=False
+            )
+        client.create_model_version("line", info.model_uri, run.info.run_id, model_id=info.model_id)
+    client.set_registered_model_alias("line", "production", "1")
+    with serving("models:/line@production", provider="cpu", poll_seconds=0.1, tracking_uri=uri) as (http, _):
+        code, answer = http.predict(images(1)[0][1])
+        assert code == 200 and answer["model"]["version"] == "1" and answer["model"]["alias"] == "production"
+        client.set_registered_model_alias("line", "production", "2")
+        wait_for(lambda: http.request("GET", "/v1/model")[1]["primary"]["version"] == "2")
+        code, answer = http.predict(images(1)[0][1])
+        assert answer["model"]["sha256"] == _sha(bundles["b"] / "model.onnx")
+
+
+def test_metrics_count_requests_classes_and_abstentions(bundles):
+    with serving(str(bundles["a"]), provider="cpu", poll_seconds=0, abstain=0.99) as (client, _):
+        for _, data in images(4):
+            code, answer = client.predict(data)
+            assert code == 200 and answer["prediction"]["status"] == "abstain"
+        text = client.request("GET", "/metrics")[1]
+    assert 'synermix_requests_total{code="200",endpoint="/v1/predict"} 4.0' in text
+    assert "synermix_abstentions_total 4.0" in text
+    assert 'synermix_request_seconds_bucket{endpoint="/v1/predict",le="+Inf"} 4.0' in text
+    assert sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith('synermix_predictions_total{class=')) == 4  # fmt: skip
+    assert 'synermix_model_info{alias="",provider="CPUExecutionProvider",role="primary"' in text
+
+
+def test_cli_serves_a_bundle_on_loopback(bundles, tmp_path):
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    params = tmp_path / "none.yaml"  # no params file: a line machine
+    cli = [sys.executable, "-m", "synermix.cli", "--params", str(params)]
+    command = [*cli, "serve", "--model", str(bundles["a"]), "--port", str(port), "--provider", "cpu",
+               "--poll-seconds", "0"]  # fmt: skip
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = Client(port)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if client.request("GET", "/readyz")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                proc.stdout.read() if proc.poll() else ""
+            )
+            time.sleep(0.2)
+        code, answer = client.predict(images(1)[0][1])
+        assert code == 200 and answer["prediction"]["class"] in CLASSES
+        with pytest.raises(OSError):  # bound to loopback only
+            routable = next(
+                (a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)
+                 if not a[4][0].startswith("127.")), None)  # fmt: skip
+            if routable is None:
+                raise OSError("no routable address to try")
+            socket.create_connection((routable, port), timeout=2).close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    missing = subprocess.run([*cli, "serve", "--token-file", str(tmp_path / "nope")], text=True,
+                             capture_output=True)  # fmt: skip
+    assert missing.returncode == 2 and "no such file" in missing.stderr
