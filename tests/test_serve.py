@@ -22,6 +22,7 @@ import torch
 
 from synermix import onnx_export as ox
 from synermix.bundle import verify_bundle, write_bundle
+from synermix.cli import main
 from synermix.data.transforms import Preprocessing
 from synermix.inference import Classifier, read_files
 from synermix.serve import ServeSettings, Service, create_app
@@ -148,6 +149,12 @@ def test_round_trip_matches_synermix_predict(bundles, tmp_path):
     expected = Classifier(verify_bundle(bundles["a"]), provider="cpu").predict(
         read_files([tmp_path / name for name, _ in files])
     )
+    # the same as the command a person runs
+    out = tmp_path / "predicted.json"
+    args = ["predict", *(str(tmp_path / name) for name, _ in files), "--model", str(bundles["a"])]
+    assert main([*args, "--out", str(out), "--provider", "cpu"]) == 0
+    by_cli = json.loads(out.read_text())["predictions"]
+    assert [r["class"] for r in by_cli] == [w.label for w in expected]
     with serving(str(bundles["a"]), provider="cpu", poll_seconds=0) as (client, _):
         for (_, data), want in zip(files, expected, strict=True):
             code, answer = client.predict(data)
@@ -156,6 +163,8 @@ def test_round_trip_matches_synermix_predict(bundles, tmp_path):
             assert got["class"] == want.label and got["status"] == "ok"
             for c in CLASSES:
                 assert got[f"score_{c}"] == pytest.approx(want.scores[c], abs=1e-6)
+        for (_, data), row in zip(files, by_cli, strict=True):
+            assert client.predict(data)[1]["prediction"] | {"path": row["path"]} == row
         code, answer = client.batch([*files[:3], ("notes.txt", b"not an image")])
         assert code == 200
         rows = answer["predictions"]
