@@ -31,14 +31,25 @@ from .conftest import huge_png_header, noise_image, png_bytes
 from .test_bundle import CLASSES, TinyNet
 
 
-def tiny_bundle(folder: Path, seed: int) -> Path:
+class WiderNet(torch.nn.Module):
+    """TinyNet's shape on 1 x 20 x 20 inputs: a pilot that takes another input size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(20 * 20, len(CLASSES)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def tiny_bundle(folder: Path, seed: int, size: int = 16) -> Path:
     """A bundle of a tiny real model; another seed gives other weights (another sha256)."""
     torch.manual_seed(seed)
     onnx_path = folder.parent / f"tiny-{seed}-{uuid.uuid4().hex[:6]}.onnx"
     meta = {
         "arch": "tiny",
         "class_names": CLASSES,
-        "preprocessing": Preprocessing(16, 1, (0.5,), (0.25,)).to_dict(),
+        "preprocessing": Preprocessing(size, 1, (0.5,), (0.25,)).to_dict(),
         "prepare_image_size": None,
         "method": "synermix",
         "beta": 0.3,
@@ -46,7 +57,8 @@ def tiny_bundle(folder: Path, seed: int) -> Path:
         "mlflow_run_id": f"run-{seed}",
     }
     metadata = ox.model_metadata(meta, "torchscript", 18)
-    ox.export_onnx(TinyNet(), 1, 16, onnx_path, "torchscript", 18, metadata)
+    net = TinyNet() if size == 16 else WiderNet()
+    ox.export_onnx(net, 1, size, onnx_path, "torchscript", 18, metadata)
     return write_bundle({"model.onnx": onnx_path}, folder, {"version": str(seed)})
 
 
@@ -392,3 +404,22 @@ def test_cli_serves_a_bundle_on_loopback(bundles, tmp_path):
     missing = subprocess.run([*cli, "serve", "--token-file", str(tmp_path / "nope")], text=True,
                              capture_output=True)  # fmt: skip
     assert missing.returncode == 2 and "no such file" in missing.stderr
+
+
+def test_shadow_with_another_input_size_decodes_the_image_its_own_way(bundles, tmp_path):
+    wider = tiny_bundle(tmp_path / "wider", 3, size=20)
+    log_path = tmp_path / "shadow.jsonl"
+    shadow = Classifier(wider / "model.onnx", provider="cpu")
+    files = images(3, start=300)
+    with serving(str(bundles["a"]), shadow=str(wider), shadow_log=log_path, provider="cpu",
+                 poll_seconds=0) as (client, service):  # fmt: skip
+        for _, data in files:
+            assert client.predict(data)[0] == 200
+        wait_for(lambda: log_path.is_file() and len(log_path.read_text().splitlines()) == len(files))
+    records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    for record, (_, data) in zip(records, files, strict=True):
+        want = shadow.result("x", shadow.probabilities(shadow.preprocess(data)[None])[0]).label
+        assert record["shadow"]["class"] == want
+    assert not service.metrics.registry.get_sample_value(
+        "synermix_shadow_comparisons_total", {"agree": "error"}
+    )

@@ -442,23 +442,30 @@ class Service:
             self.metrics.abstentions.inc()
         if self.shadow is not None and self.shadow.current is not None:
             if self._shadow_room.acquire(blocking=False):
-                self._shadow_pool.submit(self._compare, name, x, result, about)
+                self._shadow_pool.submit(self._compare, name, data, (model.classifier.info, x), result, about)
             else:
                 self.metrics.shadow.labels("skipped").inc()
         return row, about
 
-    def _compare(self, name: str, x: np.ndarray, primary, about: dict) -> None:
-        """Score the same input with the shadow model; count and log the agreement."""
+    def _compare(self, name: str, data: bytes, prepared: tuple, primary, about: dict) -> None:
+        """Score the same image with the shadow model; count and log the agreement."""
         try:
-            self._shadow_score(name, x, primary, about)
+            self._shadow_score(name, data, prepared, primary, about)
         finally:
             self._shadow_room.release()
 
-    def _shadow_score(self, name: str, x: np.ndarray, primary, about: dict) -> None:
+    def _shadow_score(self, name: str, data: bytes, prepared: tuple, primary, about: dict) -> None:
+        info, x = prepared
         try:
             with self.shadow.use() as model:
                 if model.classifier.class_names != list(primary.scores):
                     raise ValueError("the shadow model knows other classes")
+                mine = model.classifier.info
+                same_input = (mine.image_size, mine.channels, mine.mean, mine.std, mine.resize,
+                              mine.prepare_image_size) == (info.image_size, info.channels, info.mean,
+                              info.std, info.resize, info.prepare_image_size)  # fmt: skip
+                # a pilot may take another input size: then it decodes the bytes its own way
+                x = x if same_input else model.classifier.preprocess(data)
                 p = model.batcher.submit(x).result(timeout=60)
                 shadow = model.classifier.result(name, p, self.settings.abstain)
                 shadow_about = model.about
