@@ -591,7 +591,7 @@ def model_file(spec: str, tmp: Path, tracking_uri: str | None = None) -> Path:
         except MlflowException as exc:
             raise UserError(f"{spec}: cannot fetch it from MLflow ({exc.message})") from None
         if not (folder / MODEL_FILE).is_file():
-            raise UserError(f"{spec} holds no model.onnx: only versions from the register stage run here")
+            raise UserError(f"{spec} has no model.onnx: only versions from the register stage run here")
         return folder / MODEL_FILE
     path = Path(spec)
     if path.is_dir():

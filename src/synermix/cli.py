@@ -192,11 +192,6 @@ def _serve(args: argparse.Namespace) -> int:
         token = args.token_file.read_text().strip()
         if not token:
             raise UserError(f"--token-file {args.token_file} is empty")
-    uri = None
-    if params and not os.environ.get("MLFLOW_TRACKING_URI"):
-        from synermix.tracking import tracking_uri
-
-        uri = tracking_uri(params.mlflow)
     settings = ServeSettings(
         model=values.model,
         shadow=values.shadow,
@@ -212,7 +207,7 @@ def _serve(args: argparse.Namespace) -> int:
         provider=values.provider,
         threads=args.threads,
         shadow_log=Path(values.shadow_log) if values.shadow and values.shadow_log else None,
-        tracking_uri=uri,
+        tracking_uri=_store_uri(params),
     )
     run(settings)
     return 0
@@ -261,13 +256,14 @@ def _say(text: str) -> None:
     sys.stdout.write(text + ("" if text.endswith("\n") else "\n"))
 
 
-def _registry_uri() -> str | None:
-    """For a models:/ --model: MLFLOW_TRACKING_URI, else ./params.yaml's store, else MLflow's default."""
-    if os.environ.get("MLFLOW_TRACKING_URI") or not Path("params.yaml").is_file():
+def _store_uri(params) -> str | None:
+    """The MLflow store for a models:/ spec: None (MLflow reads MLFLOW_TRACKING_URI, else its
+    default) when the variable is set or there is no params file, else the params' store."""
+    if params is None or os.environ.get("MLFLOW_TRACKING_URI"):
         return None
     from synermix.tracking import tracking_uri
 
-    return tracking_uri(load_params(Path("params.yaml")).mlflow)
+    return tracking_uri(params.mlflow)
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -284,7 +280,11 @@ def _predict(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         from synermix.bundle import model_file
 
-        return _predict_with(args, model_file(args.model, Path(tmp), _registry_uri()))
+        uri = None
+        if args.model.startswith("models:/"):  # only a registry lookup needs the params file
+            path = Path(args.params)
+            uri = _store_uri(load_params(path) if path.is_file() else None)
+        return _predict_with(args, model_file(args.model, Path(tmp), uri))
 
 
 def _predict_with(args: argparse.Namespace, model: Path) -> int:

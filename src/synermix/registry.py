@@ -21,6 +21,7 @@ from __future__ import annotations
 import getpass
 import json
 import logging
+import os
 import random
 import socket
 import time
@@ -183,7 +184,7 @@ def alias_lock(
     from mlflow.exceptions import MlflowException
 
     lock = f"{name}{LOCK_SUFFIX}"
-    holder = f"{identity()} pid {__import__('os').getpid()}"
+    holder = f"{identity()} pid {os.getpid()}"
     deadline = time.monotonic() + wait_seconds
     while True:
         try:

@@ -545,11 +545,11 @@ def _scores_of(results, labels: list[str], class_names: list[str]) -> tuple[dict
 
 
 def _version_onnx(client: Any, name: str, version: str, dst: Path) -> Path:
-    folder = registry.download_version(client, name, version, dst)
-    path = folder / "model.onnx"
-    if not path.is_file():
-        raise UserError(f"{name} version {version} has no model.onnx: register it with the register stage")
-    return path
+    """The version's ONNX file, downloaded into ``dst`` (the same lookup as predict and serve)."""
+    from synermix.bundle import model_file
+
+    dst.mkdir(parents=True, exist_ok=True)
+    return model_file(f"models:/{name}/{version}", dst, client.tracking_uri)
 
 
 def pilot_eval(
