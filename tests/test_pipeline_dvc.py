@@ -210,11 +210,16 @@ def test_dvc_repro_on_real_elpv_subset(project):
     # a larger trial budget continues the same study by one trial
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "tuned"], repo, env)
+    before = (repo / "tuning/best_params.yaml").read_text()
     exp = run([str(DVC), "exp", "run", "-S", "tune.n_trials=3"], repo, env)
-    assert {"tune", "train", "evaluate", "export", "register"} <= ran(exp.stdout)
+    # train and what follows rerun exactly when the choice changed: the top-k re-runs may
+    # keep the same candidate, and then best_params.yaml is byte-identical
+    downstream = {"train", "evaluate", "export", "register"}
+    changed = (repo / "tuning/best_params.yaml").read_text() != before
+    assert "tune" in ran(exp.stdout) and (downstream <= ran(exp.stdout)) == changed
     assert json.loads((repo / "reports/tune.json").read_text())["trials"] == 3
     assert "trial 2, budget 3 trials" in exp.stdout + exp.stderr
-    assert "trial 0," not in exp.stdout + exp.stderr
+    assert "trial 0, budget" not in exp.stdout + exp.stderr  # trial 0 is not trained again
 
     # resizing rewrites the images but not the manifest, so validate has nothing new to check
     set_params(repo, data__image_size=48)

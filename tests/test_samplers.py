@@ -56,3 +56,71 @@ def test_seeded_and_resumable():
 def test_batch_size_must_allow_pairs():
     with pytest.raises(ValueError):
         ClassPairBatchSampler(LABELS, 1, seed=0)
+
+
+# -- class-balanced sampling ------------------------------------------------------------
+BALANCE_LABELS = [0] * 200 + [1] * 50 + [2] * 10 + [3] * 4
+
+
+@pytest.mark.parametrize("power", [1.0, 0.5])
+def test_balanced_sampling_keeps_two_distinct_images_per_class(power):
+    sampler = ClassPairBatchSampler(BALANCE_LABELS, batch_size=16, seed=5, balance_power=power)
+    for _ in range(5):
+        for batch in batches(sampler):
+            distinct: dict[int, set[int]] = {}
+            for i in batch:
+                distinct.setdefault(BALANCE_LABELS[i], set()).add(i)
+            for label, images in distinct.items():
+                assert len(images) >= 2, (label, batch)
+
+
+@pytest.mark.parametrize("power", [1.0, 0.5, 0.0])
+def test_balanced_sampling_draws_the_expected_class_frequencies(power):
+    sampler = ClassPairBatchSampler(BALANCE_LABELS, batch_size=32, seed=6, balance_power=power)
+    sizes = [200, 50, 10, 4]
+    draws = Counter()
+    for _ in range(40):
+        # the first batch_size entries of each batch are the epoch's draws; the rest are
+        # pair partners
+        seen = 0
+        for batch in batches(sampler):
+            head = batch[: min(32, len(BALANCE_LABELS) - seen)]
+            seen += len(head)
+            draws.update(BALANCE_LABELS[i] for i in head)
+    total = sum(draws.values())
+    mass = [n ** (1 - power) for n in sizes]
+    for label, n in enumerate(sizes):
+        expected = mass[label] / sum(mass)
+        assert draws[label] / total == pytest.approx(expected, abs=0.015), (label, n, draws)
+    probs = sampler.class_probabilities()
+    assert sum(probs.values()) == pytest.approx(1.0)
+    assert probs[3] == pytest.approx(mass[3] / sum(mass))
+
+
+def test_balanced_epoch_has_the_dataset_length_and_spreads_repeats():
+    sampler = ClassPairBatchSampler(BALANCE_LABELS, batch_size=16, seed=7, balance_power=1.0)
+    epoch = batches(sampler)
+    assert len(epoch) == len(sampler)
+    drawn: list[int] = []
+    for batch in epoch:  # the draws, without the pair partners appended after them
+        drawn += batch[: min(16, len(BALANCE_LABELS) - len(drawn))]
+    assert len(drawn) == len(BALANCE_LABELS)
+    # class 3 (4 images) is drawn ~66 times: a reshuffled cycle uses each image 16-17 times
+    use = Counter(i for i in drawn if BALANCE_LABELS[i] == 3)
+    assert max(use.values()) - min(use.values()) <= 1
+
+
+def test_balanced_sampling_is_seeded_and_resumable():
+    a = ClassPairBatchSampler(BALANCE_LABELS, 16, seed=8, balance_power=0.5)
+    b = ClassPairBatchSampler(BALANCE_LABELS, 16, seed=8, balance_power=0.5)
+    assert batches(a) == batches(b)
+    state = a.state_dict()
+    following = batches(a)
+    c = ClassPairBatchSampler(BALANCE_LABELS, 16, seed=0, balance_power=0.5)
+    c.load_state_dict(state)
+    assert batches(c) == following
+
+
+def test_balance_power_out_of_range():
+    with pytest.raises(ValueError):
+        ClassPairBatchSampler(BALANCE_LABELS, 16, seed=0, balance_power=1.5)

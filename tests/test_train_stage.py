@@ -45,7 +45,7 @@ def test_train_stage_writes_model_reports_and_mlflow_run(tmp_path, stage_params)
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = mlflow.get_run(meta["mlflow_run_id"])
-    assert run.data.params["train.method"] == "synermix" and run.data.params["train.beta"] == "0.1"
+    assert run.data.params["train.method"] == "synermix" and run.data.params["train.beta"] == "0.3"
     assert run.data.tags["weights_sha256"] == meta["weights_sha256"]
     client = mlflow.MlflowClient()
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2]
@@ -83,3 +83,69 @@ def test_cli_has_every_stage():
     for command in ("params", "prepare", "validate", "tune", "train", "evaluate", "export"):
         assert _parser().parse_args([command]).command == command
     assert _parser().parse_args(["predict", "photos/"]).paths == ["photos/"]
+
+
+@pytest.mark.parametrize(
+    ("train", "message"),
+    [
+        ({"init": "missing/weights.pt"}, "missing/weights.pt"),
+        ({"class_weights": {"dent": 2.0}}, "train.class_weights names 'dent'"),
+        (
+            {"arch": "convnext_tiny", "width": None, "image_size": 16},
+            "train.image_size 16 is too small for convnext_tiny",
+        ),
+    ],
+)
+def test_bad_training_input_stops_before_anything_is_written(
+    tmp_path, stage_params, make_params, train, message
+):
+    import mlflow
+
+    from synermix.errors import UserError
+
+    run_prepare(stage_params, tmp_path)
+    params = make_params(
+        data={"source": stage_params.data.source},
+        train={"image_size": 32, "epochs": 1, "batch_size": 16, **train},
+        mlflow={"experiment": "stage-test"},
+    )
+    with pytest.raises(UserError, match=message) as caught:
+        run_train(params, tmp_path)
+    assert caught.value.exit_code == 2 and "\n" not in str(caught.value)
+    assert not (tmp_path / MODEL_DIR).exists() and not (tmp_path / TRAIN_CHECKPOINT).exists()
+    assert not (tmp_path / TRAIN_METRICS).exists()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = mlflow.get_experiment_by_name("stage-test")
+    # prepare's run may exist; no train run was started
+    runs = [] if experiment is None else mlflow.search_runs([experiment.experiment_id], output_format="list")
+    assert [r.info.run_name for r in runs if r.info.run_name == "train"] == []
+
+
+def test_warm_start_from_a_state_dict_is_recorded(tmp_path, stage_params, make_params):
+    import hashlib
+
+    import mlflow
+
+    run_prepare(stage_params, tmp_path)
+    run_train(stage_params, tmp_path)
+    source = tmp_path / "previous.pt"
+    source.write_bytes((tmp_path / MODEL_DIR / "weights.pt").read_bytes())
+    sha = hashlib.sha256(source.read_bytes()).hexdigest()
+    params = make_params(
+        data={"source": stage_params.data.source},
+        train={
+            "image_size": 32,
+            "epochs": 1,
+            "batch_size": 16,
+            "init": str(source),
+            "backbone_lr_scale": 0.1,
+        },
+        mlflow={"experiment": "stage-test"},
+    )
+    run_train(params, tmp_path)
+    _, meta = load_trained_model(tmp_path / MODEL_DIR)
+    assert meta["init"]["kind"] == "file" and meta["init"]["sha256"] == sha
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = mlflow.get_run(meta["mlflow_run_id"])
+    assert run.data.tags["init_sha256"] == sha and run.data.params["init.kind"] == "file"
+    assert run.data.params["train.backbone_lr_scale"] == "0.1"

@@ -45,7 +45,18 @@ def test_short_run_on_real_images_learns(prepared):
     from synermix.engine import evaluate, select_device
 
     train, val = (frame.assign(label=frame["cell_type"]) for frame in rows(prepared))
-    params = TrainParams(image_size=32, epochs=5, batch_size=16, warmup_epochs=0.5, lr=0.02)
+    # the loop, not the recipe: the 64-channel network, plain shuffle and the reference beta/alpha
+    params = TrainParams(
+        image_size=32,
+        epochs=5,
+        batch_size=16,
+        warmup_epochs=0.5,
+        lr=0.02,
+        width=None,
+        sampling="shuffle",
+        beta=0.1,
+        mixup_alpha=1.0,
+    )
     result = train_model(train, val, prepared, ["mono", "poly"], params, seed=1)
     history = result.history
     assert len(history) == 5 and all(math.isfinite(r["train_loss"]) for r in history)

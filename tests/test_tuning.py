@@ -19,6 +19,7 @@ from optuna.trial import TrialState, create_trial
 from PIL import Image
 
 from synermix.config import Params, parse_params
+from synermix.engine import TrainingDiverged
 from synermix.errors import CheckFailed, UserError
 from synermix.stages import (
     BEST_PARAMS,
@@ -37,11 +38,16 @@ from synermix.training import load_trained_model
 from synermix.tuning import (
     ATTR_FAIL_REASON,
     ATTR_SURPLUS,
+    RERUN_PREFIX,
     BudgetState,
     cap_train_rows,
+    choose,
     counted_trials,
     is_counted,
     open_storage,
+    rerun_seeds,
+    rerun_top,
+    seed_spread,
     study_name,
     trial_base,
 )
@@ -134,6 +140,16 @@ def test_tuning_needs_a_method_that_uses_beta_and_trials_past_warmup():
         parse_params({"tune": {"storage": "localhost/db"}})
 
 
+def test_bad_rerun_params_are_refused_with_one_clear_line():
+    with pytest.raises(UserError, match=r"^params.yaml: tune.rerun_seeds = 0: must be at least 1") as caught:
+        parse_params({"tune": {"rerun_seeds": 0}})
+    assert "tune.rerun_top_k: 0 to switch re-runs off" in str(caught.value)
+    assert len(str(caught.value).splitlines()) == 1
+    with pytest.raises(UserError, match=r"tune.rerun_top_k = -1: Input should be greater than or equal to 0"):
+        parse_params({"tune": {"rerun_top_k": -1}})
+    assert parse_params({"tune": {"rerun_top_k": 0, "rerun_seeds": 5}}).tune.rerun_top_k == 0
+
+
 def test_unreachable_storage_names_it_without_the_password():
     tune = parse_params({}).tune
     with pytest.raises(UserError) as caught:
@@ -217,11 +233,110 @@ def test_budget_counts_complete_pruned_and_diverged_but_not_crashed_or_surplus()
     assert [t.number for t in counted_trials(trials, 2)] == [0, 1]
 
 
+# -- re-runs of the top trials -----------------------------------------------------------
+
+
+def test_rerun_seeds_are_derived_from_the_seed_and_the_rerun_index():
+    seeds = rerun_seeds(123, 2)
+    assert seeds == rerun_seeds(123, 2) and len(set(seeds)) == 2 and 123 not in seeds
+    # more re-runs keep the first ones (their stored results stay valid); another seed, others
+    assert rerun_seeds(123, 4)[:2] == seeds
+    assert not set(rerun_seeds(124, 2)) & set(seeds)
+    # fixed values: a change of the derivation would silently orphan stored re-runs
+    assert seeds == [int(np.random.SeedSequence([123, 0x52455255, i]).generate_state(1)[0]) for i in (1, 2)]
+
+
+def _injected_study(tmp_path: Path, values: list[float]) -> optuna.Study:
+    """A study in SQLite holding complete trials with these values (trial n: values[n])."""
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", direction="maximize")
+    dist = {"beta": optuna.distributions.FloatDistribution(0, 1)}
+    for n, value in enumerate(values):
+        study.add_trial(
+            create_trial(state=TrialState.COMPLETE, value=value, params={"beta": n / 10}, distributions=dist)
+        )
+    return study
+
+
+def test_top_k_rerun_chooses_on_the_mean_not_the_single_best(tmp_path):
+    # trial 0 is the single best (0.90) but a lucky seed; trial 1 is steadily good
+    study = _injected_study(tmp_path, [0.90, 0.80, 0.70, 0.60, 0.85])
+    tune = parse_params({"tune": {"rerun_top_k": 3, "rerun_seeds": 2}}).tune
+    s1, s2 = rerun_seeds(123, 2)
+    results = {
+        (0, s1): 0.50, (0, s2): 0.55,  # mean 0.65
+        (4, s1): 0.80, (4, s2): 0.78,  # mean 0.81
+        (1, s1): 0.82, (1, s2): 0.81,  # mean 0.81: ties trial 4, the lower number wins
+    }  # fmt: skip
+    calls = []
+
+    def rerun(trial, seed):
+        calls.append((trial.number, seed))
+        return results[(trial.number, seed)]
+
+    counted = study.get_trials()
+    candidates = rerun_top(study, counted, tune, 123, rerun)
+    assert [c.number for c in candidates] == [0, 4, 1]  # the top 3 by value; 2 and 3 not re-run
+    assert sorted(calls) == sorted(results)
+    pick = choose(candidates)
+    assert pick.number == 1 and pick.mean == pytest.approx(0.81)
+    assert [r.seed for r in pick.runs] == [123, s1, s2] and pick.values == [0.80, 0.82, 0.81]
+    assert candidates[0].std == pytest.approx(np.std([0.90, 0.50, 0.55], ddof=1))
+    pooled = np.sqrt(sum(np.var(c.values, ddof=1) for c in candidates) / 3)  # equal dof per candidate
+    assert seed_spread(candidates) == pytest.approx(pooled)
+    # the single best trial would have been trial 0; with re-runs off it still is
+    off = parse_params({"tune": {"rerun_top_k": 0}}).tune
+    assert rerun_top(study, counted, off, 123, rerun) == []
+
+    # a candidate whose re-run diverged ranks after every candidate without one
+    (tmp_path / "b").mkdir()
+    study = _injected_study(tmp_path / "b", [0.9, 0.5])
+
+    def diverges(trial, seed):
+        if trial.number == 0 and seed == s1:
+            raise TrainingDiverged("loss is nan")
+        return 0.95 if trial.number == 0 else 0.5
+
+    candidates = rerun_top(study, study.get_trials(), tune, 123, diverges)
+    assert candidates[0].failed == 1 and candidates[0].values == [0.9, 0.95]
+    assert choose(candidates).number == 1
+
+
+def test_stored_reruns_are_resumed_not_redone(tmp_path):
+    study = _injected_study(tmp_path, [0.9, 0.8, 0.7])
+    tune = parse_params({"tune": {"rerun_top_k": 2, "rerun_seeds": 3}}).tune
+    calls = []
+
+    def killed_on_the_third(trial, seed):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the stage is killed during the third re-run
+        calls.append((trial.number, seed))
+        return 0.5 + trial.number / 100 + seed % 7 / 1000
+
+    with pytest.raises(KeyboardInterrupt):
+        rerun_top(study, study.get_trials(), tune, 123, killed_on_the_third)
+    assert len(calls) == 2
+    assert len([k for k in study.user_attrs if k.startswith(RERUN_PREFIX)]) == 2  # stored as they end
+
+    resumed = []
+
+    def rerun(trial, seed):
+        resumed.append((trial.number, seed))
+        return 0.5 + trial.number / 100 + seed % 7 / 1000
+
+    first = rerun_top(study, study.get_trials(), tune, 123, rerun)
+    assert len(resumed) == 6 - 2 and not set(resumed) & set(calls)
+    assert rerun_top(study, study.get_trials(), tune, 123, rerun) == first and len(resumed) == 4
+    # a third candidate later (a larger rerun_top_k) re-runs only the new one
+    more = parse_params({"tune": {"rerun_top_k": 3, "rerun_seeds": 3}}).tune
+    assert [c.number for c in rerun_top(study, study.get_trials(), more, 123, rerun)] == [0, 1, 2]
+    assert resumed[4:] == [(2, s) for s in rerun_seeds(123, 3)]
+
+
 # -- the stage -------------------------------------------------------------------------
 
 
 def test_same_seed_gives_the_same_trials_and_pruning_prunes(tmp_path, monkeypatch):
-    tables = []
+    tables, reruns = [], []
     for copy in ("a", "b"):
         root = tmp_path / copy
         root.mkdir()
@@ -233,8 +348,11 @@ def test_same_seed_gives_the_same_trials_and_pruning_prunes(tmp_path, monkeypatc
         run_validate(params, root)
         metrics = run_tune(params, root)
         tables.append(pd.read_csv(root / TUNE_PLOTS_DIR / "trials.csv"))
+        reruns.append((root / TUNE_PLOTS_DIR / "reruns.csv").read_text())
     first, second = tables
     pd.testing.assert_frame_equal(first[STABLE], second[STABLE])
+    # the re-runs (their seeds and values) repeat exactly too
+    assert reruns[0] == reruns[1] and len(reruns[0].splitlines()) > 1
     # successive halving (rungs at epochs 1 and 3) stopped trials at its rungs, some early
     pruned = first[first["state"] == "pruned"]
     assert (pruned["epochs_used"] < 3).any() and pruned["epochs_used"].isin([1, 3]).all()
@@ -247,11 +365,17 @@ def test_tune_writes_best_params_that_train_uses_and_logs_every_trial(project):
     import mlflow
 
     root, photos = project
-    params = tune_params(photos)
+    params = tune_params(photos, rerun_top_k=0)  # today's choice: the single best trial
     metrics = run_tune(params, root)
 
     best = yaml.safe_load((root / BEST_PARAMS).read_text())
     assert best["tuned"] is True and set(best["params"]) == {"beta", "lr"}
+    # rerun_top_k: 0 keeps the outputs as they were before re-runs existed
+    assert set(best) == {"tuned", "study", "best_trial", "params"}
+    assert not {"seed_spread", "chosen_mean", "chosen_trial"} & set(metrics)
+    assert pd.read_csv(root / TUNE_PLOTS_DIR / "reruns.csv").empty
+    assert "Seed spread" not in (root / TUNE_REPORT).read_text()
+    assert not [k for k in load(root, params).user_attrs if k.startswith(RERUN_PREFIX)]
     table = pd.read_csv(root / TUNE_PLOTS_DIR / "trials.csv")
     winner = table.loc[table["trial"] == best["best_trial"]].iloc[0]
     assert winner["state"] == "complete" and winner["value"] == pytest.approx(table["value"].max())
@@ -297,8 +421,91 @@ def test_tune_writes_best_params_that_train_uses_and_logs_every_trial(project):
     again = run_tune(params, root)
     assert again == metrics and len(load(root, params).trials) == 6
     # a larger budget continues the same study
-    more = run_tune(tune_params(photos, n_trials=7), root)
+    more = run_tune(tune_params(photos, n_trials=7, rerun_top_k=0), root)
     assert more["trials"] == 7 and len(load(root, params).trials) == 7
+
+
+def test_tune_reruns_the_top_trials_and_reports_the_seed_spread(project, monkeypatch):
+    import mlflow
+
+    from synermix import tuning
+
+    root, photos = project
+    params = tune_params(photos, n_trials=4, pruner={"kind": "none"})  # defaults: top 3, 2 more seeds
+    seeds = rerun_seeds(params.seed, 2)
+    real_train = tuning.train_model
+    calls: list[tuple[int, bool]] = []  # (seed, is a re-run)
+    crash_on_call = {"n": 2}
+
+    def train_model(*args, **kwargs):
+        rerun = kwargs.get("on_epoch_end") is None
+        calls.append((args[5], rerun))
+        if rerun and sum(r for _, r in calls) == crash_on_call["n"]:
+            raise RuntimeError("killed during a re-run")
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(tuning, "train_model", train_model)
+    with pytest.raises(RuntimeError, match="killed during a re-run"):
+        run_tune(params, root)
+    # trials train with the seed param, re-runs with the derived seeds
+    assert [s for s, r in calls if not r] == [params.seed] * 4
+    assert [s for s, r in calls if r] == seeds
+    calls.clear()
+    crash_on_call["n"] = -1
+    metrics = run_tune(params, root)  # resumes: the trials and the first re-run are stored
+    assert not [c for c in calls if not c[1]] and len(calls) == 3 * 2 - 1
+    assert {s for s, _ in calls} == set(seeds)
+
+    reruns = pd.read_csv(root / TUNE_PLOTS_DIR / "reruns.csv")
+    trials = pd.read_csv(root / TUNE_PLOTS_DIR / "trials.csv")
+    top3 = trials.sort_values(["value", "trial"], ascending=[False, True])["trial"].head(3).tolist()
+    assert reruns.groupby("trial", sort=False).ngroups == 3 and set(reruns["trial"]) == set(top3)
+    assert reruns.groupby("trial")["seed"].apply(list).map(lambda s: s == [params.seed, *seeds]).all()
+    own = reruns[reruns["rerun"] == 0].set_index("trial")["value"]
+    assert own.to_dict() == pytest.approx(trials.set_index("trial")["value"][top3].to_dict(), abs=1e-5)
+    means = reruns.groupby("trial")["value"].mean()
+    stds = reruns.groupby("trial")["value"].std(ddof=1)
+    chosen = max(means.index, key=lambda t: (round(means[t], 5), -t))  # the csv has 6 digits
+    assert reruns.loc[reruns["chosen"], "trial"].unique().tolist() == [chosen]
+
+    best = yaml.safe_load((root / BEST_PARAMS).read_text())
+    assert best["best_trial"] == chosen and best["chosen_on"] == "mean of 3 seeds"
+    assert best["mean"] == pytest.approx(means[chosen], abs=1e-5)
+    assert best["spread"] == pytest.approx(stds[chosen], abs=1e-5)
+    assert best["seeds"] == [params.seed, *seeds]
+    train_params, tuned = apply_tuned(params.train, root / BEST_PARAMS)
+    assert train_params.beta == best["params"]["beta"] and tuned["best_trial"] == str(chosen)
+
+    pooled = float(np.sqrt((stds**2).mean()))  # each candidate has 3 values
+    saved = json.loads((root / TUNE_METRICS).read_text())
+    assert saved == metrics and metrics["chosen_trial"] == chosen
+    assert metrics["chosen_mean"] == pytest.approx(means[chosen], abs=1e-5)
+    assert metrics["seed_spread"] == pytest.approx(pooled, abs=1e-5)
+    assert metrics["best_trial"] == top3[0]  # the single best trial is still reported
+    report = (root / TUNE_REPORT).read_text()
+    assert f"**Chosen: trial {chosen}**" in report and "## Seed spread" in report
+    assert f"Seed spread **{pooled:.4f}**" in report
+    assert f"| trial | beta | lr | seed {params.seed} (trial) | seed {seeds[0]} | seed {seeds[1]} |" in report
+    assert f"| **{chosen}** (chosen) |" in report
+
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("tune-test").experiment_id
+    (parent,) = client.search_runs([experiment], "tags.synermix_role = 'tune'")
+    assert parent.data.metrics["seed_spread"] == pytest.approx(pooled, abs=1e-5)
+    assert parent.data.metrics["chosen_trial"] == chosen
+    assert parent.data.metrics["chosen_mean"] == pytest.approx(means[chosen], abs=1e-5)
+    assert parent.data.tags["chosen_on"] == "mean of 3 seeds" and parent.data.tags["rerun_top_k"] == "3"
+    assert float(parent.data.tags["best.beta"]) == pytest.approx(best["params"]["beta"])
+    steps = {m.step for m in client.get_metric_history(parent.info.run_id, "rerun_mean")}
+    assert steps == set(top3)
+    children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(int(r.data.tags["optuna_trial"]) for r in children) == [0, 1, 2, 3]  # trials only
+
+    # complete study, every re-run stored: nothing trains, the outputs stay the same
+    calls.clear()
+    assert run_tune(params, root) == metrics and calls == []
+    assert yaml.safe_load((root / BEST_PARAMS).read_text()) == best
 
 
 def test_disabled_tuning_leaves_train_params_as_written(project):

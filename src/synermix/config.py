@@ -197,13 +197,33 @@ class AugmentParams(_Section):
 class TrainParams(_Section):
     method: Literal[METHODS] = "synermix"
     inter_method: Literal[INTER_METHODS] = "mixup"
-    beta: Annotated[float, Field(ge=0, le=1)] = 0.1
-    mixup_alpha: Annotated[float, Field(gt=0, le=100)] = 1.0
+    beta: Annotated[float, Field(ge=0, le=1)] = 0.3
+    mixup_alpha: Annotated[float, Field(gt=0, le=100)] = 0.2
     arch: Literal[ARCHITECTURES] = "resnet18"
+    #: ResNets: channels of the first stage (doubled per stage); null: torchvision's 64
+    width: Annotated[int, Field(ge=4, le=256)] | None = 16
     small_input_stem: bool = False
-    image_size: Annotated[int, Field(ge=16, le=1024)] = 64
+    image_size: Annotated[int, Field(ge=16, le=1024)] = 128
+    #: scratch | imagenet | <path to a state_dict file> | models:/<name>@<alias or version>
+    init: str = "scratch"
+    #: learning rate of everything but the final linear layer, as a fraction of lr
+    #: (a pretrained or warm-started backbone is usually fine-tuned more gently)
+    backbone_lr_scale: Annotated[float, Field(gt=0, le=1)] = 1.0
+    #: shuffle: each image once per epoch | balanced: an epoch of as many draws, each
+    #: class drawn with probability proportional to count**(1 - balance_power)
+    sampling: Literal["shuffle", "balanced"] = "balanced"
+    balance_power: Annotated[float, Field(ge=0, le=1)] = 0.5
+    #: null | balanced (count**-balance_power, mean 1) | {class name: weight}
+    class_weights: Literal["balanced"] | dict[str, Annotated[float, Field(gt=0, le=1000)]] | None = None
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    #: exponential moving average of the weights (e.g. 0.998); null: none. The average
+    #: is what is validated and saved.
+    ema_decay: Annotated[float, Field(gt=0, lt=1)] | None = None
+    #: best: keep the epoch with the highest select_metric on val | last: the last epoch
+    keep: Literal["best", "last"] = "best"
+    select_metric: Literal["val_macro_recall", "val_accuracy"] = "val_macro_recall"
     channels: Literal["auto", 1, 3] = "auto"
-    epochs: Annotated[int, Field(ge=1, le=10_000)] = 12
+    epochs: Annotated[int, Field(ge=1, le=10_000)] = 24
     batch_size: Annotated[int, Field(ge=2, le=8192)] = 64
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: Annotated[float, Field(gt=0, le=10)] = 0.05
@@ -227,6 +247,16 @@ class TrainParams(_Section):
     def _warmup_within_epochs(self) -> TrainParams:
         if self.warmup_epochs > self.epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be <= epochs ({self.epochs})")
+        if self.width is not None and not self.arch.startswith("resnet"):
+            raise ValueError(f"width applies to ResNets only, not {self.arch}; set width: null")
+        if not self.init.strip():
+            raise ValueError(
+                "init is empty: use scratch, imagenet, a state_dict path or models:/<name>@<alias>"
+            )
+        if self.init == "imagenet" and self.width is not None:
+            raise ValueError(
+                f"init imagenet needs torchvision's own {self.arch} (width null, not {self.width})"
+            )
         return self
 
 
@@ -307,7 +337,7 @@ class PrunerParams(_Section):
 class TuneParams(_Section):
     enabled: bool = True
     objective: Literal["val_accuracy", "val_macro_recall"] = "val_macro_recall"
-    n_trials: Annotated[int, Field(ge=1, le=100_000)] = 12
+    n_trials: Annotated[int, Field(ge=1, le=100_000)] = 10
     #: stop starting trials once the study's trials have used this much worker time
     timeout_minutes: Annotated[float, Field(gt=0)] | None = None
     #: short trials: epochs per trial, and a seeded cap on training images per class
@@ -323,8 +353,22 @@ class TuneParams(_Section):
     heartbeat_seconds: Annotated[int, Field(ge=1, le=3600)] = 10
     grace_seconds: Annotated[int, Field(ge=2, le=86_400)] = 60
     max_retry: Annotated[int, Field(ge=0, le=100)] = 2
+    #: after the budget: re-run the best rerun_top_k complete trials (0: none) with
+    #: rerun_seeds more seeds each, and choose the values with the best mean over the seeds
+    rerun_top_k: Annotated[int, Field(ge=0, le=1000)] = 3
+    rerun_seeds: Annotated[int, Field(le=100)] = 2
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+    @field_validator("rerun_seeds")
+    @classmethod
+    def _check_rerun_seeds(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(
+                "must be at least 1 (seeds per re-run trial besides its own); "
+                "set tune.rerun_top_k: 0 to switch re-runs off"
+            )
+        return value
 
     @field_validator("space", mode="before")
     @classmethod

@@ -62,18 +62,38 @@ def select_device(
         device = torch.device("cuda")
         dtype = None
         if amp:
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            # emulated bf16 (older GPUs) is slow: those get fp16 with gradient scaling
+            dtype = (
+                torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+            )
         log.info("%s on %s (%s), amp=%s", purpose, device, torch.cuda.get_device_name(0), dtype)
         return DeviceSetup(device, dtype, channels_last)
     log.info("%s on CPU, %d threads, fp32", purpose, torch.get_num_threads())
     return DeviceSetup(torch.device("cpu"), None, False)
 
 
-def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float, weight_decay: float):
+def build_optimizer(
+    model: nn.Module,
+    name: str,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    backbone_lr_scale: float = 1.0,
+):
+    """SGD or AdamW. With ``backbone_lr_scale < 1`` everything but ``model.classifier``
+    learns at ``lr * backbone_lr_scale`` (group 1); the classifier at ``lr`` (group 0)."""
+    if backbone_lr_scale == 1.0 or not hasattr(model, "classifier"):
+        groups = [{"params": list(model.parameters()), "lr": lr}]
+    else:
+        head = {id(p) for p in model.classifier.parameters()}
+        groups = [
+            {"params": [p for p in model.parameters() if id(p) in head], "lr": lr},
+            {"params": [p for p in model.parameters() if id(p) not in head], "lr": lr * backbone_lr_scale},
+        ]
     if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}")
 
 
@@ -126,8 +146,11 @@ def train_one_epoch(
     epoch: int,
     scaler: torch.amp.GradScaler | None = None,
     log_every: int = 10,
+    ema: torch.optim.swa_utils.AveragedModel | None = None,
 ) -> dict[str, float]:
-    """One pass over ``data_loader`` of ``(x_orig, x_aug, y)`` batches; returns epoch means."""
+    """One pass over ``data_loader`` of ``(x_orig, x_aug, y)`` batches; returns epoch means.
+
+    ``ema``: an exponential moving average of the weights, updated after every step."""
     model.train()
     totals = {"loss": torch.zeros((), device=setup.device), "intra": torch.zeros((), device=setup.device)}
     images = 0
@@ -151,6 +174,8 @@ def train_one_epoch(
             parts.total.backward()
             optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
         totals["loss"] += parts.total.detach() * y.shape[0]
         if parts.intra is not None:
             totals["intra"] += parts.intra.detach()
@@ -200,6 +225,7 @@ def evaluate(model: nn.Module, data_loader, setup: DeviceSetup, num_classes: int
         "macro_recall": float(recall[present].mean()) if bool(present.any()) else float("nan"),
         "per_class_recall": [float(r) for r in recall],
         "images": total,
+        "confusion": confusion.tolist(),  # rows: actual, columns: predicted
     }
 
 

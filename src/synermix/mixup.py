@@ -12,6 +12,9 @@ The method (Xu et al., arXiv 2403.14137, and the authors' reference code):
   hidden state at a mixing point drawn uniformly from the model's ``mix_points``.
 * **SynerMix:** ``L = beta * L_intra + (1 - beta) * L_inter``; with ``beta == 0`` the
   extra forward/backward pass for the intra term is skipped.
+* Optional class weights and label smoothing (``train.class_weights``,
+  ``train.label_smoothing``) apply to the image-level cross-entropies of ``L_inter``
+  only; ``L_intra`` stays the method's plain mean over the classes present.
 
 The synthesis is vectorised: segment sums over the label vector with ``index_add_``
 compute every class at once, in a fixed number of kernels and without host syncs (the
@@ -76,7 +79,8 @@ def synthesize_class_features(
     weighted = features * weights.to(features.dtype).unsqueeze(1)
     z = torch.zeros(num_classes, features.shape[1], dtype=features.dtype, device=features.device)
     z = z.index_add(0, labels, weighted)
-    present = torch.bincount(labels, minlength=num_classes) > 0
+    # index_fill_, not bincount: bincount on CUDA reads the labels' range back to the host
+    present = torch.zeros(num_classes, dtype=torch.bool, device=labels.device).index_fill_(0, labels, True)
     return z, present
 
 
@@ -110,10 +114,18 @@ def mixup_images(x: torch.Tensor, lam: float, perm: torch.Tensor) -> torch.Tenso
 
 
 def mixed_cross_entropy(
-    logits: torch.Tensor, y: torch.Tensor, perm: torch.Tensor, lam: float
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    perm: torch.Tensor,
+    lam: float,
+    weight: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """``lam * CE(logits, y) + (1 - lam) * CE(logits, y[perm])``."""
-    return lam * F.cross_entropy(logits, y) + (1.0 - lam) * F.cross_entropy(logits, y[perm])
+    kwargs = {"weight": weight, "label_smoothing": label_smoothing}
+    return lam * F.cross_entropy(logits, y, **kwargs) + (1.0 - lam) * F.cross_entropy(
+        logits, y[perm], **kwargs
+    )
 
 
 @dataclass
@@ -145,6 +157,8 @@ class SynerMixLoss:
         beta: float = 0.1,
         alpha: float = 1.0,
         inter_method: str = "mixup",
+        class_weights: torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -154,7 +168,15 @@ class SynerMixLoss:
             raise ValueError("beta must be in [0, 1]")
         if alpha <= 0:
             raise ValueError("alpha must be > 0")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError("label_smoothing must be in [0, 1)")
+        if class_weights is not None and class_weights.shape != (num_classes,):
+            raise ValueError(f"class_weights must have {num_classes} entries")
         self.method = method
+        # class weights and label smoothing act on the inter (image-level) term only: the
+        # intra term already counts every class present once, whatever its frequency
+        self.class_weights = class_weights
+        self.label_smoothing = label_smoothing
         self.num_classes = num_classes
         self.rng = rng
         self.alpha = alpha
@@ -172,8 +194,11 @@ class SynerMixLoss:
         return self.beta > 0.0
 
     def inter_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        weight = self.class_weights
+        if weight is not None and weight.device != x.device:
+            weight = self.class_weights = weight.to(x.device)
         if self.inter == "erm":
-            return F.cross_entropy(model(x), y)
+            return F.cross_entropy(model(x), y, weight=weight, label_smoothing=self.label_smoothing)
         lam = float(self.rng.numpy.beta(self.alpha, self.alpha))
         perm = torch.randperm(x.shape[0], generator=self.rng.torch).to(x.device, non_blocking=True)
         if self.inter == "mixup":
@@ -181,7 +206,7 @@ class SynerMixLoss:
         else:
             point = int(self.rng.numpy.choice(model.mix_points))
             logits = model.forward_mixed(x, point, lam, perm)
-        return mixed_cross_entropy(logits, y, perm, lam)
+        return mixed_cross_entropy(logits, y, perm, lam, weight, self.label_smoothing)
 
     def __call__(
         self, model: nn.Module, x_orig: torch.Tensor, x_aug: torch.Tensor, y: torch.Tensor

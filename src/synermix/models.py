@@ -13,7 +13,8 @@ Per family, following the reference (input, after ResNet layer1, after layer2):
 * MobileNetV3 / EfficientNet: input, after the first and the second quarter of blocks
 * ConvNeXt: input, after stage 1, after stage 2
 
-All models are built with ``weights=None`` (nothing is downloaded). ``small_input_stem``
+All models are built with ``weights=None`` (nothing is downloaded). ResNets take a
+``width`` (channels of the first stage; torchvision's is 64). ``small_input_stem``
 swaps the stem for a stride-1 3x3 convolution without max-pool (CIFAR-style, for inputs
 of 32-84 px). ``in_channels=1`` builds a grey-level first convolution. No MLflow, DVC,
 Optuna or GX imports here.
@@ -84,8 +85,42 @@ def _conv_like(conv: nn.Conv2d, in_channels: int, kernel: int, stride: int) -> n
     )
 
 
-def _resnet(name: str, num_classes: int, in_channels: int, small: bool) -> SplitNet:
-    net = getattr(tvm, name)(weights=None, num_classes=num_classes)
+def _narrow_resnet(net: tvm.ResNet, width: int, num_classes: int) -> None:
+    """Rebuild ``net``'s stem and four stages with ``width, 2w, 4w, 8w`` channels (in place).
+
+    torchvision fixes ResNet widths at 64-512; on 2 CPU cores a narrower network at a
+    higher input resolution sees thin cracks that a full-width one at 64 px cannot afford.
+    """
+    block = type(net.layer1[0])
+    depths = [len(layer) for layer in (net.layer1, net.layer2, net.layer3, net.layer4)]
+    net.inplanes = width
+    net.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+    net.bn1 = nn.BatchNorm2d(width)
+    net.layer1 = net._make_layer(block, width, depths[0])
+    net.layer2 = net._make_layer(block, width * 2, depths[1], stride=2)
+    net.layer3 = net._make_layer(block, width * 4, depths[2], stride=2)
+    net.layer4 = net._make_layer(block, width * 8, depths[3], stride=2)
+    net.fc = nn.Linear(width * 8 * block.expansion, num_classes)
+    for module in net.modules():  # torchvision's own initialisation
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+def _resnet(
+    name: str,
+    num_classes: int,
+    in_channels: int,
+    small: bool,
+    width: int | None = None,
+    net: tvm.ResNet | None = None,
+) -> SplitNet:
+    if net is None:
+        net = getattr(tvm, name)(weights=None, num_classes=num_classes)
+        if width is not None and width != 64:
+            _narrow_resnet(net, width, num_classes)
     if small:
         stem = nn.Sequential(_conv_like(net.conv1, in_channels, 3, 1), net.bn1, net.relu)
     else:
@@ -109,8 +144,18 @@ def _replace_first_conv(block: nn.Sequential, in_channels: int, small: bool) -> 
         block[0] = new
 
 
-def _sequential_family(name: str, num_classes: int, in_channels: int, small: bool) -> SplitNet:
-    net = getattr(tvm, name)(weights=None, num_classes=num_classes)
+def _sequential_family(
+    name: str,
+    num_classes: int,
+    in_channels: int,
+    small: bool,
+    width: int | None = None,
+    net: nn.Module | None = None,
+) -> SplitNet:
+    if width is not None:
+        raise ValueError(f"train.width applies to ResNets only, not {name}; set train.width: null")
+    if net is None:
+        net = getattr(tvm, name)(weights=None, num_classes=num_classes)
     blocks = list(net.features)
     _replace_first_conv(blocks[0], in_channels, small)
     head = list(net.classifier)
@@ -133,20 +178,49 @@ def _sequential_family(name: str, num_classes: int, in_channels: int, small: boo
     return SplitNet(stages, neck, classifier, mix_points=mix_points, arch=name)
 
 
-_BUILDERS: dict[str, Callable[[str, int, int, bool], SplitNet]] = {
+_BUILDERS: dict[str, Callable[..., SplitNet]] = {
     **{name: _resnet for name in ARCHITECTURES if name.startswith("resnet")},
     **{name: _sequential_family for name in ARCHITECTURES if not name.startswith("resnet")},
 }
 
 
 def build_model(
-    arch: str, num_classes: int, in_channels: int = 3, small_input_stem: bool = False
+    arch: str,
+    num_classes: int,
+    in_channels: int = 3,
+    small_input_stem: bool = False,
+    width: int | None = None,
 ) -> SplitNet:
-    """A randomly initialised :class:`SplitNet` (``weights=None``: nothing is downloaded)."""
+    """A randomly initialised :class:`SplitNet` (``weights=None``: nothing is downloaded).
+
+    ``width`` (ResNets only): channels of the first stage, doubled at each later stage;
+    None keeps torchvision's 64."""
     if arch not in _BUILDERS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     if num_classes < 2:
         raise ValueError("a classifier needs at least two classes")
     if in_channels not in (1, 3):
         raise ValueError("in_channels must be 1 (grey) or 3 (RGB)")
-    return _BUILDERS[arch](arch, num_classes, in_channels, small_input_stem)
+    if width is not None and not 4 <= width <= 256:
+        raise ValueError("width must be between 4 and 256 channels")
+    return _BUILDERS[arch](arch, num_classes, in_channels, small_input_stem, width)
+
+
+def torchvision_key_map(arch: str) -> dict[str, str]:
+    """torchvision's ``state_dict`` names for ``arch`` -> the :class:`SplitNet`'s names.
+
+    Found by splitting a torchvision network with the same code as :func:`build_model`
+    and matching tensors by identity, so the map follows any change to the split. Built
+    on the meta device: no memory for the weights, nothing initialised for real.
+    """
+    if arch not in _BUILDERS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    with torch.device("meta"):
+        net = getattr(tvm, arch)(weights=None)
+        split = _BUILDERS[arch](arch, 1000, 3, False, None, net=net)
+    split_names = {id(t): k for k, t in split.state_dict(keep_vars=True).items()}
+    mapping = {name: split_names.get(id(t), "") for name, t in net.state_dict(keep_vars=True).items()}
+    unmapped = [name for name, target in mapping.items() if not target]
+    if unmapped:  # the split dropped a tensor: a bug in the builders, not the user's file
+        raise RuntimeError(f"{arch}: torchvision tensors missing from the SplitNet: {unmapped[:3]}")
+    return mapping

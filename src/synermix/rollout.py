@@ -116,8 +116,11 @@ def _version_tags(meta, evaluation, export, runs, register_run) -> dict[str, str
         "classes": ",".join(meta.get("class_names", [])),
         "arch": str(meta.get("arch", "")),
         "method": str(meta.get("method", "")),
+        "init": str((meta.get("init") or {}).get("spec", "scratch")),
         **runs,
     }
+    if (meta.get("init") or {}).get("sha256"):
+        tags["init_sha256"] = str(meta["init"]["sha256"])
     for gate, result in evaluation.get("gates", {}).items():
         tags[f"gate.{gate}"] = str(result.get("status", ""))
         for key in ("observed", "threshold"):
@@ -854,7 +857,25 @@ def card_info(client: Any, name: str, mv: Any, alias: str | None, folder: Path) 
     files = registry.pytorch_files(folder)
     if files is not None:
         meta = json.loads((files / "model.json").read_text())
-    training = {k: meta[k] for k in ("arch", "method", "inter_method", "beta", "epochs", "seed") if k in meta}
+    keys = (
+        "arch",
+        "width",
+        "method",
+        "inter_method",
+        "beta",
+        "epochs",
+        "selected_epoch",
+        "selected_by",
+        "seed",
+    )
+    training = {k: meta[k] for k in keys if meta.get(k) is not None}
+    init = meta.get("init") or {}
+    if init:
+        # where the starting weights came from: scratch, ImageNet, a file or a registered model
+        training["init"] = init.get("spec", "")
+        training["init_source"] = init.get("source", "")
+        if init.get("sha256"):
+            training["init_sha256"] = init["sha256"]
     if meta.get("tuned"):
         training["tuned"] = meta["tuned"]
     aliases = sorted(a for a, v in registry.aliases_of(client, name).items() if v == str(mv.version))

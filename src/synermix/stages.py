@@ -200,14 +200,26 @@ def run_train(params: Params, root: Path = Path(".")) -> dict:
     """Train on the usable train split, validate on val, log to MLflow, write the model."""
     import mlflow
 
-    from synermix.tracking import flatten, mlflow_run
-    from synermix.training import save_trained_model, train_model
+    from synermix.data.datasets import infer_channels
+    from synermix.tracking import flatten, mlflow_run, tracking_uri
+    from synermix.training import check_training_inputs, save_trained_model, train_model
 
     names, train_rows, val_rows, manifest_sha = train_val_rows(params, root)
     train_params, tuned = apply_tuned(params.train, root / BEST_PARAMS)
+    channels = infer_channels(train_rows) if train_params.channels == "auto" else int(train_params.channels)
+    # bad class weights, an input size the backbone cannot take, or starting weights that
+    # do not load stop here, before a run, a checkpoint or a model file is written
+    init = check_training_inputs(train_params, names, channels, tracking_uri(params.mlflow))
 
     with mlflow_run(params, "train", root, {"manifest_sha256": manifest_sha}) as run:
         mlflow.log_params(flatten({"seed": params.seed, "train": train_params.model_dump(mode="json")}))
+        init_record = init.record()
+        mlflow.log_params({"init.kind": init_record["kind"], "init.source": init_record["source"]})
+        mlflow.set_tag("init_spec", init_record["spec"])
+        if init_record["sha256"]:
+            mlflow.set_tag("init_sha256", init_record["sha256"])
+        if init_record.get("notes"):
+            mlflow.set_tag("init_notes", "; ".join(init_record["notes"]))
         if tuned:
             mlflow.log_params({f"tuned.{k}": v for k, v in tuned["params"].items()})
             mlflow.set_tags({"tuned_by_study": tuned["study"], "tuned_best_trial": tuned["best_trial"]})
@@ -232,6 +244,7 @@ def run_train(params: Params, root: Path = Path(".")) -> dict:
             params.seed,
             checkpoint_path=root / TRAIN_CHECKPOINT,
             on_epoch_end=log_epoch,
+            init=init,
         )
         meta = save_trained_model(
             result,
@@ -250,7 +263,7 @@ def run_train(params: Params, root: Path = Path(".")) -> dict:
         history = pd.DataFrame(result.history)
         (root / TRAIN_HISTORY).parent.mkdir(parents=True, exist_ok=True)
         history.to_csv(root / TRAIN_HISTORY, index=False, lineterminator="\n", float_format="%.6g")
-        final = result.final
+        final = result.selected  # the kept epoch (train.keep), not necessarily the last
         majority = float(val_rows["label"].value_counts(normalize=True).max())
         metrics = {
             "val_accuracy": round(final["val_accuracy"], 6),
@@ -258,10 +271,20 @@ def run_train(params: Params, root: Path = Path(".")) -> dict:
             "val_loss": round(final["val_loss"], 6),
             "val_majority_rate": round(majority, 6),
             "epochs": len(result.history),
+            "selected_epoch": meta["selected_epoch"],
+            "last_val_macro_recall": round(result.final["val_macro_recall"], 6),
             "resumed_from_epoch": result.resumed_from_epoch,
         }
         (root / TRAIN_METRICS).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        mlflow.log_metrics({"final_val_accuracy": final["val_accuracy"], "val_majority_rate": majority})
+        mlflow.log_metrics(
+            {
+                "final_val_accuracy": result.final["val_accuracy"],
+                "selected_val_accuracy": final["val_accuracy"],
+                "selected_val_macro_recall": final["val_macro_recall"],
+                "selected_epoch": meta["selected_epoch"],
+                "val_majority_rate": majority,
+            }
+        )
         mlflow.log_artifacts(str(root / MODEL_DIR), artifact_path="model")
         mlflow.log_artifact(str(root / TRAIN_HISTORY))
         mlflow.set_tags({"weights_sha256": meta["weights_sha256"], "arch": meta["arch"]})
@@ -334,7 +357,7 @@ def run_tune(params: Params, root: Path = Path("."), worker: bool = False, wait_
 
     from synermix import tuning
     from synermix.tracking import MlflowTrialLogger, flatten, stage_outcome, tracking_uri
-    from synermix.training import load_training_data
+    from synermix.training import TrainingData, load_training_data
 
     tune = params.tune
     if not tune.enabled:
@@ -383,8 +406,14 @@ def run_tune(params: Params, root: Path = Path("."), worker: bool = False, wait_
         # a complete study (a rerun for a param that changes nothing here) needs no images
         done = tuning.BudgetState.of(study.get_trials(deepcopy=False))
         complete = done.counted >= tune.n_trials and not done.running
-        data = None if complete else load_training_data(trial_rows, val_rows, image_root, names, base)
-        tuner = tuning.Tuner(study, tune, base, params.seed, names, data, state_dir / "trials" / name)
+
+        def load_data() -> TrainingData:  # trials or re-runs still to train
+            return load_training_data(trial_rows, val_rows, image_root, names, base)
+
+        data = None if complete else load_data()
+        tuner = tuning.Tuner(
+            study, tune, base, params.seed, names, data, state_dir / "trials" / name, load_data=load_data
+        )
 
         if worker:  # the main stage created the MLflow store and the parent run before the study
             client, experiment, parent, _ = _tune_mlflow(params, name, manifest_sha, root, worker)
@@ -394,20 +423,32 @@ def run_tune(params: Params, root: Path = Path("."), worker: bool = False, wait_
             # the budget (it may grow) and the storage URL (it may hold a password) become tags
             existing = client.get_run(parent).data.params
             settings = flatten({"seed": params.seed, "tune": tune.model_dump(mode="json")})
-            budget = ("tune.n_trials", "tune.timeout_minutes", "tune.storage")
+            budget = (
+                "tune.n_trials",
+                "tune.timeout_minutes",
+                "tune.storage",
+                "tune.rerun_top_k",
+                "tune.rerun_seeds",
+            )
             fresh = [Param(k, str(v)) for k, v in settings.items() if k not in existing and k not in budget]
             client.log_batch(parent, params=fresh)
             client.set_tag(parent, "n_trials", str(tune.n_trials))
             client.set_tag(parent, "storage", tuning.redact(url))
+            client.set_tag(parent, "rerun_top_k", str(tune.rerun_top_k))
+            client.set_tag(parent, "rerun_seeds", str(tune.rerun_seeds))
 
         state = done if complete else tuner.run([trial_logger], wait_for_others=not worker)
-        if worker:
+        if worker:  # re-runs are the main process's: it alone writes the outputs
             log.info("worker done: %d of %d trials counted in study %s", state.counted, tune.n_trials, name)
             return {"trials": state.counted}
+        _log_missing_trial_runs(study, client, experiment, parent, trial_logger)
+        counted = tuning.counted_trials(study.get_trials(deepcopy=False), tune.n_trials)
+        candidates = tuning.rerun_top(study, counted, tune, params.seed, tuner.rerun)
         if not state.waiting and not state.running:  # no retry left to resume from a checkpoint
             shutil.rmtree(state_dir / "trials" / name, ignore_errors=True)
-        _log_missing_trial_runs(study, client, experiment, parent, trial_logger)
-        return _write_tune_outputs(params, root, study, client, parent, budget_note, len(trial_rows))
+        return _write_tune_outputs(
+            params, root, study, client, parent, budget_note, len(trial_rows), candidates
+        )
 
 
 def _open_study(storage, name: str, params: Params, url: str, create: bool, wait_seconds: float):
@@ -451,9 +492,19 @@ def _log_missing_trial_runs(study, client, experiment: str, parent: str, trial_l
 
 
 def _write_tune_outputs(
-    params: Params, root: Path, study, client, parent: str, budget_note: str, trial_images: int
+    params: Params,
+    root: Path,
+    study,
+    client,
+    parent: str,
+    budget_note: str,
+    trial_images: int,
+    candidates=(),
 ) -> dict:
-    """best_params.yaml, the tables, tune.md and tune.json; the same and the plots to MLflow."""
+    """best_params.yaml, the tables, tune.md and tune.json; the same and the plots to MLflow.
+
+    With ``candidates`` (the re-run top trials) the values are those of the best mean over
+    seeds; without, those of the single best trial."""
     import tempfile
 
     import yaml
@@ -477,36 +528,83 @@ def _write_tune_outputs(
         )
     importances = tune_report.param_importances(counted, params.seed)
     metrics = tune_report.summary_metrics(counted, best, tune.epochs)
-    paths = tune_report.write_tables(root / TUNE_PLOTS_DIR, table, history, importances)
+    reruns = tune_report.rerun_table(candidates, tune.space.searched())
+    paths = tune_report.write_tables(root / TUNE_PLOTS_DIR, table, history, importances, reruns)
     # only what train needs: a larger budget that finds no better trial leaves the file, and
     # so the trained model, unchanged (counts and values are in reports/tune.json)
+    chosen = best
     best_content = {"tuned": True, "study": name, "best_trial": best.number, "params": dict(best.params)}
     metrics["trial_images"] = trial_images
+    if candidates:
+        pick = tuning.choose(candidates)
+        chosen = pick.trial
+        failed = f" ({pick.failed} diverged)" if pick.failed else ""
+        best_content = {
+            "tuned": True,
+            "study": name,
+            "best_trial": pick.number,
+            "params": dict(pick.trial.params),
+            "chosen_on": f"mean of {len(pick.values)} seeds{failed}",
+            "mean": round(pick.mean, 6),
+            "spread": None if pick.std is None else round(pick.std, 6),
+            "seeds": [run.seed for run in pick.runs],
+            "values": [None if run.value is None else round(run.value, 6) for run in pick.runs],
+        }
+        metrics.update(tune_report.rerun_metrics(candidates, pick))
     (root / BEST_PARAMS).parent.mkdir(parents=True, exist_ok=True)
     (root / BEST_PARAMS).write_text(_BEST_HEADER + yaml.safe_dump(best_content, sort_keys=False))
     (root / TUNE_METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
     report = tune_report.render_markdown(
-        name, tune.objective, metrics, best.params, table, importances, budget_note
+        name, tune.objective, metrics, best.params, table, importances, budget_note, candidates
     )
     (root / TUNE_REPORT).write_text(report)
 
     with tempfile.TemporaryDirectory() as tmp:
-        figures = tune_report.write_figures(Path(tmp), table, history, importances, tune.objective)
+        figures = tune_report.write_figures(Path(tmp), table, history, importances, tune.objective, reruns)
         for figure in figures:
             client.log_artifact(parent, str(figure), artifact_path="plots")
     for path in (*paths.values(), root / BEST_PARAMS, root / TUNE_REPORT):
         client.log_artifact(parent, str(path), artifact_path="tune")
     for key, value in metrics.items():
-        client.log_metric(parent, key, float(value))
-    for key, value in best.params.items():
+        if value is not None:
+            client.log_metric(parent, key, float(value))
+    for c in candidates:  # per re-run candidate, stepped by trial number
+        client.log_metric(parent, "rerun_mean", c.mean, step=c.number)
+        if c.std is not None:
+            client.log_metric(parent, "rerun_std", c.std, step=c.number)
+    for key, value in chosen.params.items():
         client.set_tag(parent, f"best.{key}", str(value))
+    if candidates:
+        client.set_tag(parent, "chosen_on", best_content["chosen_on"])
+        client.set_tag(parent, "rerun_seed_values", ",".join(str(s) for s in best_content["seeds"]))
     client.set_terminated(parent, "FINISHED")
+    described = ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in chosen.params.items()
+    )
+    if candidates:
+        log.info(
+            "chosen: trial %d (%s), mean %s %.4f over %d seeds (single best: trial %d, %.4f); "
+            "seed spread %s; %d of %d epochs run in trials (%s); values in %s",
+            metrics["chosen_trial"],
+            described,
+            tune.objective,
+            metrics["chosen_mean"],
+            metrics["seeds_per_candidate"],
+            best.number,
+            best.value,
+            "n/a" if metrics["seed_spread"] is None else f"{metrics['seed_spread']:.4f}",
+            metrics["epochs_spent"],
+            metrics["epochs_without_pruning"],
+            "pruner " + tune.pruner.kind,
+            BEST_PARAMS,
+        )
+        return metrics
     log.info(
         "best %s %.4f in trial %d: %s; %d of %d epochs run (%s); best values in %s",
         tune.objective,
         best.value,
         best.number,
-        ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items()),
+        described,
         metrics["epochs_spent"],
         metrics["epochs_without_pruning"],
         "pruner " + tune.pruner.kind,

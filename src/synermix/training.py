@@ -36,6 +36,7 @@ from synermix.engine import (
     select_device,
     train_one_epoch,
 )
+from synermix.errors import UserError
 from synermix.mixup import MixRandom, SynerMixLoss
 from synermix.models import SplitNet, build_model
 
@@ -47,20 +48,28 @@ META_NAME = "model.json"
 
 @dataclass
 class TrainingResult:
-    model: SplitNet
+    model: SplitNet  # holds the kept epoch's weights (train.keep), EMA ones with train.ema_decay
     class_names: list[str]
     preprocessing: Preprocessing
     history: list[dict[str, Any]]
     resumed_from_epoch: int
+    selected_epoch: int = 0  # 1-based epoch whose weights ``model`` holds; 0: the last
+    init: dict[str, Any] | None = None  # InitWeights.record() of the starting weights
 
     @property
     def final(self) -> dict[str, Any]:
         return self.history[-1]
 
+    @property
+    def selected(self) -> dict[str, Any]:
+        """The history row of the epoch whose weights were kept."""
+        return self.history[self.selected_epoch - 1] if self.selected_epoch else self.history[-1]
+
 
 #: The modules whose code decides what a training run computes.
 TRAINING_CODE = (
     "training.py",
+    "init_weights.py",
     "engine.py",
     "mixup.py",
     "models.py",
@@ -87,6 +96,68 @@ def run_fingerprint(
     for dataset in datasets:
         dataset.update_digest(digest)
     return digest.hexdigest()
+
+
+def class_weight_vector(params: TrainParams, class_names: Sequence[str], labels: Sequence[int]):
+    """``train.class_weights`` as a tensor in label order, or None.
+
+    ``balanced``: ``w_c = n_c**-balance_power``, scaled so the weights average 1 over the
+    training images (the loss keeps its scale). A mapping names classes; the ones it
+    leaves out weigh 1. A name that is no class is a :class:`UserError`."""
+    spec = params.class_weights
+    if spec is None:
+        return None
+    if spec == "balanced":
+        counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(class_names)).astype(float)
+        raw = np.where(counts > 0, np.maximum(counts, 1.0) ** -params.balance_power, 0.0)
+        raw = raw / (float((raw * counts).sum()) / max(float(counts.sum()), 1.0))
+        return torch.tensor(raw, dtype=torch.float32)
+    unknown = sorted(set(spec) - set(class_names))
+    if unknown:
+        raise UserError(
+            f"train.class_weights names {', '.join(repr(u) for u in unknown)}, not a class of this data; "
+            f"the classes are {', '.join(class_names)}"
+        )
+    return torch.tensor([float(spec.get(name, 1.0)) for name in class_names], dtype=torch.float32)
+
+
+def check_input_size(params: TrainParams, channels: int, num_classes: int) -> None:
+    """A :class:`UserError` when the backbone cannot take ``train.image_size`` inputs."""
+    model = build_model(params.arch, num_classes, channels, params.small_input_stem, params.width).eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, channels, params.image_size, params.image_size))
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise UserError(
+            f"train.image_size {params.image_size} is too small for {params.arch}"
+            f"{'' if params.small_input_stem else ' (stride-32 stem)'}: {reason}; raise train.image_size"
+            f"{'' if params.small_input_stem else ' or set train.small_input_stem: true'}"
+        ) from None
+
+
+def check_training_inputs(
+    params: TrainParams,
+    class_names: Sequence[str],
+    channels: int,
+    tracking_uri: str | None = None,
+):
+    """Everything a user can get wrong about a run, checked before anything is written:
+    class weights, the input size, and the starting weights (resolved and returned)."""
+    from synermix.init_weights import resolve_init
+
+    class_weight_vector(params, class_names, list(range(len(class_names))))
+    check_input_size(params, channels, len(class_names))
+    return resolve_init(
+        params.init,
+        arch=params.arch,
+        width=params.width,
+        in_channels=channels,
+        num_classes=len(class_names),
+        small_input_stem=params.small_input_stem,
+        tracking_uri=tracking_uri,
+        class_names=list(class_names),
+    )
 
 
 def seeds_for(seed: int) -> dict[str, int]:
@@ -168,6 +239,7 @@ def train_model(
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
     data: TrainingData | None = None,
     on_resume: Callable[[int], None] | None = None,
+    init=None,
 ) -> TrainingResult:
     """Train with ``params`` on ``train_rows``, validating on ``val_rows`` after every epoch.
 
@@ -175,7 +247,13 @@ def train_model(
     the images again; the rows and root are then not used. ``on_epoch_end`` gets each
     epoch's row, replayed ones included on resume; an exception it raises (e.g. a pruned
     trial) stops training after the checkpoint of that epoch is written. ``on_resume``
-    gets the epoch a checkpoint resumes from."""
+    gets the epoch a checkpoint resumes from. ``init`` (an
+    :class:`~synermix.init_weights.InitWeights` from :func:`check_training_inputs`) gives
+    the starting weights; None resolves ``params.init`` here.
+
+    After every epoch the model (its EMA with ``train.ema_decay``) is scored on val; with
+    ``train.keep: best`` the weights of the epoch with the highest ``train.select_metric``
+    (the earliest on a tie) are the ones returned, else the last epoch's."""
     seeds = seeds_for(seed)
     torch.manual_seed(seeds["torch"])
     setup = select_device(params.device, params.amp, params.channels_last)
@@ -184,7 +262,10 @@ def train_model(
     train_set, val_set, pre = data.train_set, data.val_set, data.preprocessing
     channels = pre.channels
 
-    sampler = ClassPairBatchSampler(train_set.labels, params.batch_size, seeds["sampler"])
+    if init is None:
+        init = check_training_inputs(params, class_names, channels)
+    balance = params.balance_power if params.sampling == "balanced" else None
+    sampler = ClassPairBatchSampler(train_set.labels, params.batch_size, seeds["sampler"], balance)
     loader_generator = torch.Generator().manual_seed(seeds["loader"])
     pin = setup.device.type == "cuda"
     train_loader = DataLoader(
@@ -199,10 +280,14 @@ def train_model(
     )
 
     num_classes = len(class_names)
-    model = build_model(params.arch, num_classes, channels, params.small_input_stem).to(setup.device)
+    model = build_model(params.arch, num_classes, channels, params.small_input_stem, params.width)
+    init.apply(model)
+    model = model.to(setup.device)
     if setup.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, params.optimizer, params.lr, params.momentum, params.weight_decay)
+    optimizer = build_optimizer(
+        model, params.optimizer, params.lr, params.momentum, params.weight_decay, params.backbone_lr_scale
+    )
     scheduler = build_scheduler(
         optimizer,
         len(train_loader),
@@ -215,8 +300,22 @@ def train_model(
     scaler = torch.amp.GradScaler("cuda") if setup.amp_dtype == torch.float16 else None
     mix_rng = MixRandom(seeds["mix"])
     criterion = SynerMixLoss(
-        params.method, num_classes, mix_rng, params.beta, params.mixup_alpha, params.inter_method
+        params.method,
+        num_classes,
+        mix_rng,
+        params.beta,
+        params.mixup_alpha,
+        params.inter_method,
+        class_weight_vector(params, class_names, train_set.labels),
+        params.label_smoothing,
     )
+    ema = None
+    if params.ema_decay is not None:
+        # buffers too: BatchNorm statistics of the averaged weights, not the live ones
+        ema = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(params.ema_decay), use_buffers=True
+        )
+    scored = ema.module if ema is not None else model
     if params.compile:
         # One graph per (start, stop) of the stage chain: whole network, and the two
         # halves around each manifold-mixup point. state_dict keys stay unchanged.
@@ -224,8 +323,10 @@ def train_model(
         model.run_stages = torch.compile(model.run_stages)
 
     fingerprint = run_fingerprint(params, seed, class_names, train_set, val_set)
+    fingerprint = hashlib.sha256(f"{fingerprint}:{init.sha256}".encode()).hexdigest()
     history: list[dict[str, Any]] = []
     start = 0
+    best: dict[str, Any] = {"epoch": 0, "metric": float("-inf"), "state": None}
     checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path else None
     if checkpoint is not None and int(checkpoint.get("epoch", 0)) >= params.epochs:
         log.info("checkpoint %s is of a finished run; training afresh", checkpoint_path)
@@ -235,6 +336,9 @@ def train_model(
         scheduler.load_state_dict(checkpoint["scheduler"])
         if scaler is not None and checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])
+        if ema is not None:
+            ema.load_state_dict(checkpoint["ema"])
+        best = checkpoint["best"]
         _restore_rng(checkpoint["rng"], sampler, loader_generator, mix_rng)
         start, history = int(checkpoint["epoch"]), list(checkpoint["history"])
         log.info("resuming from %s after epoch %d of %d", checkpoint_path, start, params.epochs)
@@ -258,8 +362,10 @@ def train_model(
         channels,
     )
     for epoch in range(start, params.epochs):
-        stats = train_one_epoch(model, criterion, optimizer, scheduler, train_loader, setup, epoch, scaler)
-        val = evaluate(model, val_loader, setup, num_classes)
+        stats = train_one_epoch(
+            model, criterion, optimizer, scheduler, train_loader, setup, epoch, scaler, ema=ema
+        )
+        val = evaluate(scored, val_loader, setup, num_classes)
         row = {
             "epoch": epoch + 1,
             **stats,
@@ -269,6 +375,9 @@ def train_model(
             **{f"val_recall_{name}": r for name, r in zip(class_names, val["per_class_recall"], strict=True)},
         }
         history.append(row)
+        if params.keep == "best" and row[params.select_metric] > best["metric"]:
+            state = {k: v.detach().to("cpu", copy=True) for k, v in scored.state_dict().items()}
+            best = {"epoch": epoch + 1, "metric": float(row[params.select_metric]), "state": state}
         log.info(
             "epoch %d/%d: train loss %.4f, val loss %.4f, val accuracy %.4f, macro recall %.4f, %.0f img/s",
             epoch + 1,
@@ -290,12 +399,29 @@ def train_model(
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None,
+                    "ema": ema.state_dict() if ema is not None else None,
+                    "best": best,
                     "rng": _rng_state(sampler, loader_generator, mix_rng),
                 },
             )
         if on_epoch_end:
             on_epoch_end(row)
-    return TrainingResult(model, list(class_names), pre, history, start)
+    selected = len(history)
+    if params.keep == "best" and best["state"] is not None:
+        model.load_state_dict(best["state"])
+        selected = best["epoch"]
+    elif ema is not None:
+        model.load_state_dict(ema.module.state_dict())
+    if selected != len(history):
+        log.info(
+            "keeping the weights of epoch %d of %d (best %s %.4f on val; last epoch %.4f)",
+            selected,
+            len(history),
+            params.select_metric,
+            history[selected - 1][params.select_metric],
+            history[-1][params.select_metric],
+        )
+    return TrainingResult(model, list(class_names), pre, history, start, selected, init.record())
 
 
 def save_trained_model(
@@ -312,10 +438,14 @@ def save_trained_model(
         "in_channels": result.preprocessing.channels,
         "small_input_stem": params.small_input_stem,
         "preprocessing": result.preprocessing.to_dict(),
+        "width": params.width,
         "method": params.method,
         "beta": params.beta if params.method in ("synermix", "synermix_intra") else 0.0,
         "inter_method": params.inter_method,
         "epochs": params.epochs,
+        "selected_epoch": result.selected_epoch or len(result.history),
+        "selected_by": params.select_metric if params.keep == "best" else "last epoch",
+        "init": result.init,
         "weights_sha256": hashlib.sha256((out_dir / WEIGHTS_NAME).read_bytes()).hexdigest(),
         "torch_version": torch.__version__,
         **extra,
@@ -327,6 +457,8 @@ def save_trained_model(
 def load_trained_model(model_dir: Path) -> tuple[SplitNet, dict[str, Any]]:
     """Rebuild a model saved by :func:`save_trained_model` (weights loaded with ``weights_only=True``)."""
     meta = json.loads((model_dir / META_NAME).read_text())
-    model = build_model(meta["arch"], meta["num_classes"], meta["in_channels"], meta["small_input_stem"])
+    model = build_model(
+        meta["arch"], meta["num_classes"], meta["in_channels"], meta["small_input_stem"], meta.get("width")
+    )
     model.load_state_dict(torch.load(model_dir / WEIGHTS_NAME, map_location="cpu", weights_only=True))
     return model.eval(), meta

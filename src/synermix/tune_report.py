@@ -1,8 +1,8 @@
 """The tune stage's reports: trial tables and plots as files, and a readable summary.
 
-Pure rendering from the study's trials (no MLflow, DVC or Optuna storage here): CSV files
-that ``dvc plots`` draws, PNG figures for MLflow, ``reports/tune.md`` and the numbers
-behind ``reports/tune.json``.
+Pure rendering from the study's trials and re-runs (no MLflow, DVC or Optuna storage
+here): CSV files that ``dvc plots`` draws, PNG figures for MLflow, ``reports/tune.md`` and
+the numbers behind ``reports/tune.json``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ from synermix.tuning import (
     ATTR_RESUMED,
     ATTR_SURPLUS,
     ATTR_WORKER,
+    Candidate,
+    choose,
     is_counted,
+    seed_spread,
     state_name,
 )
 
@@ -133,17 +136,64 @@ def summary_metrics(
     }
 
 
+def rerun_table(candidates: Sequence[Candidate], names: Sequence[str]) -> pd.DataFrame:
+    """One row per (candidate, seed): the trial's own run (``rerun`` 0) and its re-runs,
+    with the candidate's mean and sample std over its seeds (``chosen`` marks the pick)."""
+
+    chosen = choose(candidates).number if candidates else None
+    rows = []
+    for c in candidates:
+        for run in c.runs:
+            rows.append(
+                {
+                    "trial": c.number,
+                    "rerun": run.rerun,
+                    "seed": run.seed,
+                    "value": run.value,
+                    "state": "complete" if run.value is not None else "fail",
+                    **{name: c.trial.params.get(name) for name in names},
+                    "mean": c.mean,
+                    "std": c.std,
+                    "chosen": c.number == chosen,
+                }
+            )
+    columns = ["trial", "rerun", "seed", "value", "state", *names, "mean", "std", "chosen"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def rerun_metrics(candidates: Sequence[Candidate], chosen: Candidate) -> dict[str, Any]:
+    """tune.json's numbers on the re-runs: the choice and the seed-to-seed spread."""
+    spread = seed_spread(candidates)
+    return {
+        "chosen_trial": chosen.number,
+        "chosen_mean": round(chosen.mean, 6),
+        "chosen_std": None if chosen.std is None else round(chosen.std, 6),
+        "seed_spread": None if spread is None else round(spread, 6),
+        "rerun_candidates": len(candidates),
+        "seeds_per_candidate": len(chosen.runs),
+        "reruns_failed": sum(c.failed for c in candidates),
+    }
+
+
 def write_tables(
-    out_dir: Path, trials: pd.DataFrame, history: pd.DataFrame, importances: Mapping[str, float]
+    out_dir: Path,
+    trials: pd.DataFrame,
+    history: pd.DataFrame,
+    importances: Mapping[str, float],
+    reruns: pd.DataFrame | None = None,
 ) -> dict[str, Path]:
-    """``trials.csv``, ``history.csv`` and ``importances.csv`` (the DVC plots)."""
+    """``trials.csv``, ``history.csv``, ``importances.csv`` (the DVC plots) and
+    ``reruns.csv`` (only its header without re-runs)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {name: out_dir / f"{name}.csv" for name in ("trials", "history", "importances")}
+    paths = {name: out_dir / f"{name}.csv" for name in ("trials", "history", "importances", "reruns")}
     shown = trials.drop(columns=["worker", "seconds"])  # host names and timings stay in MLflow
     shown.to_csv(paths["trials"], index=False, lineterminator="\n", float_format="%.6g")
     history.to_csv(paths["history"], index=False, lineterminator="\n", float_format="%.6g")
     frame = pd.DataFrame(sorted(importances.items(), key=lambda kv: -kv[1]), columns=["param", "importance"])
     frame.to_csv(paths["importances"], index=False, lineterminator="\n", float_format="%.6g")
+    if reruns is None:
+        reruns = rerun_table([], [c for c in ("beta", "lr") if c in trials.columns])
+    reruns.to_csv(paths["reruns"], index=False, lineterminator="\n", float_format="%.6g")
     return paths
 
 
@@ -153,8 +203,10 @@ def write_figures(
     history: pd.DataFrame,
     importances: Mapping[str, float],
     objective: str,
+    reruns: pd.DataFrame | None = None,
 ) -> list[Path]:
-    """PNG figures: beta against the objective, optimisation history, importances."""
+    """PNG figures: beta against the objective (with the re-run candidates' mean ± std
+    over their seeds), optimisation history, importances."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -167,6 +219,18 @@ def write_figures(
     fig, ax = plt.subplots(figsize=(6, 4))
     for state, group in trials.groupby("state"):
         ax.scatter(group["beta"], group["last_reported"], label=state, c=colours.get(state, "grey"), s=28)
+    if reruns is not None and not reruns.empty:
+        means = reruns.groupby("trial").first()
+        ax.errorbar(
+            means["beta"],
+            means["mean"],
+            yerr=means["std"].fillna(0),
+            fmt="D",
+            c="black",
+            ms=4,
+            capsize=3,
+            label="mean ± std over seeds",
+        )
     ax.set(xlabel="beta", ylabel=f"{objective} (last epoch run)", title="beta against the objective")
     ax.legend()
     written.append(_save(fig, out_dir / "beta_vs_objective.png"))
@@ -202,15 +266,33 @@ def render_markdown(
     trials: pd.DataFrame,
     importances: Mapping[str, float],
     budget_note: str,
+    candidates: Sequence[Candidate] = (),
 ) -> str:
+    """tune.md. With ``candidates`` (re-runs), the headline is the chosen candidate and
+    its mean over seeds, followed by a section on the seed spread."""
+    if candidates:
+        chosen = choose(candidates)
+        headline = [
+            f"**Chosen: trial {chosen.number}** with "
+            + ", ".join(f"`{k}` = {_fmt(v)}" for k, v in chosen.trial.params.items())
+            + f": mean **{chosen.mean:.4f}**"
+            + (f" ± {chosen.std:.4f}" if chosen.std is not None else "")
+            + f" over {len(chosen.values)} seeds (the best mean of the top {len(candidates)} trials, "
+            f"each re-run with {len(chosen.runs) - 1} more seed(s)). The single best trial was "
+            f"trial {metrics['best_trial']} ({metrics['best_value']:.4f}).",
+        ]
+    else:
+        headline = [
+            f"**Best: {metrics['best_value']:.4f}** in trial {metrics['best_trial']} with "
+            + ", ".join(f"`{k}` = {_fmt(v)}" for k, v in best_values.items())
+            + ".",
+        ]
     lines = [
         "# Tuning",
         "",
         f"Study `{study}`, objective **{objective}** on the validation split (the test split is never used).",
         "",
-        f"**Best: {metrics['best_value']:.4f}** in trial {metrics['best_trial']} with "
-        + ", ".join(f"`{k}` = {_fmt(v)}" for k, v in best_values.items())
-        + ".",
+        *headline,
         "",
         f"- Trials: {metrics['trials']} ({metrics['trials_complete']} complete, "
         f"{metrics['trials_pruned']} pruned, {metrics['trials_failed']} failed)",
@@ -220,10 +302,47 @@ def render_markdown(
     ]
     if importances:
         lines.append("- Importances (fANOVA): " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()))
+    if candidates:
+        lines += ["", *_seed_section(candidates, objective)]
+        lines += ["", "## Trials"]
     lines += ["", "| " + " | ".join(_columns(trials)) + " |", "|" + "---|" * len(_columns(trials))]
     for row in trials[_columns(trials)].itertuples(index=False):
         lines.append("| " + " | ".join(_fmt(v) for v in row) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _seed_section(candidates: Sequence[Candidate], objective: str) -> list[str]:
+
+    chosen = choose(candidates).number
+    spread = seed_spread(candidates)
+    seeds = [run.seed for run in candidates[0].runs]
+    names = list(candidates[0].trial.params)
+    spread_text = (
+        f"**{spread:.4f}**: the pooled standard deviation of {objective} over seeds at a fixed "
+        "configuration. Trials whose values differ by less than about twice that are not told "
+        "apart by one short trial each."
+        if spread is not None
+        else "not measured (no candidate has two values)."
+    )
+    header = ["trial", *names, *(f"seed {s}" + (" (trial)" if i == 0 else "") for i, s in enumerate(seeds))]
+    header += ["mean", "std", "min", "max"]
+    lines = [
+        "## Seed spread",
+        "",
+        f"The top {len(candidates)} complete trials, each trained again with the same settings and "
+        f"{len(seeds) - 1} more seed(s); the choice is the best mean. Seed spread {spread_text}",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for c in candidates:
+        by_seed = {run.seed: run for run in c.runs}
+        cells = [f"**{c.number}** (chosen)" if c.number == chosen else str(c.number)]
+        cells += [_fmt(c.trial.params.get(name)) for name in names]
+        cells += [_fmt(by_seed[s].value) if by_seed[s].value is not None else "diverged" for s in seeds]
+        cells += [_fmt(c.mean), _fmt(c.std), _fmt(c.min), _fmt(c.max)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _columns(trials: pd.DataFrame) -> list[str]:

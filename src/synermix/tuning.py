@@ -16,6 +16,13 @@ starts are stopped at once and marked failed as surplus, never counted.
 Determinism: every trial trains with the same ``seed``; the TPE sampler draws trial
 ``n`` from randomness seeded by ``(seed, n)`` alone, so the same params and data give
 the same trials on CPU, and two workers never draw the same random start-up points.
+
+Re-runs: one short trial per configuration is a noisy judge (a config's objective moves
+by several points from seed to seed). Once the budget is used, the main process trains
+the ``rerun_top_k`` best complete trials again with ``rerun_seeds`` more seeds each (the
+same seeds for every candidate, derived from ``seed`` and the re-run index) and the
+values with the best *mean* win. Each finished re-run is stored at once as a study user
+attr keyed by (trial number, seed), so a killed stage resumes without redoing one.
 """
 
 from __future__ import annotations
@@ -54,6 +61,8 @@ ATTR_SURPLUS = "surplus"
 ATTR_EPOCHS = "epochs_used"
 ATTR_WORKER = "worker"
 ATTR_RESUMED = "resumed_from_epoch"
+#: study user attrs holding finished re-runs: ``rerun:<trial number>:<seed>``
+RERUN_PREFIX = "rerun:"
 #: train params that do not change what a trial computes (left out of the study hash)
 _NOT_RESULT_AFFECTING = ("device", "num_workers", "cache_images")
 #: tune params that set the budget or plumbing, not the trials (left out of the study hash)
@@ -65,6 +74,8 @@ _NOT_TRIAL_AFFECTING = (
     "heartbeat_seconds",
     "grace_seconds",
     "max_retry",
+    "rerun_top_k",
+    "rerun_seeds",
 )
 #: tuning.py holds only what trials compute (tables and plots live in tune_report.py)
 _CODE = ("tuning.py", *TRAINING_CODE)
@@ -323,6 +334,8 @@ class Tuner:
     checkpoint_dir: Path
     #: per trial number: the epoch rows of that trial (for reports and MLflow)
     histories: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    #: loads ``data`` when it is None and a re-run needs it
+    load_data: Callable[[], TrainingData] | None = None
 
     def objective(self, trial: optuna.Trial) -> float:
         frozen = next(t for t in self.study.get_trials(deepcopy=False) if t.number == trial.number)
@@ -385,7 +398,35 @@ class Tuner:
                 checkpoint.unlink(missing_ok=True)
             raise
         checkpoint.unlink(missing_ok=True)
-        return float(result.final[objective])
+        return objective_value(result, objective)
+
+    def rerun(self, trial: FrozenTrial, seed: int) -> float:
+        """Train ``trial``'s values once more, as the trial did but with ``seed``.
+
+        An epoch checkpoint lets a re-run killed half-way resume; a diverged loss raises
+        :class:`TrainingDiverged` (recorded by :func:`rerun_top`)."""
+        if self.data is None:
+            if self.load_data is None:
+                raise RuntimeError("a re-run needs the training data and no loader was given")
+            self.data = self.load_data()
+        values = dict(trial.params)
+        checkpoint = self.checkpoint_dir / f"rerun-{_values_key(values)}-{seed}.pt"
+        try:
+            result = train_model(
+                None,
+                None,
+                None,
+                self.class_names,
+                with_values(self.base, values),
+                seed,
+                checkpoint_path=checkpoint,
+                data=self.data,
+            )
+        except TrainingDiverged:
+            checkpoint.unlink(missing_ok=True)
+            raise
+        checkpoint.unlink(missing_ok=True)
+        return objective_value(result, self.tune.objective)
 
     def _check_not_surplus(self, trial: optuna.Trial) -> None:
         before = [
@@ -450,6 +491,13 @@ class Tuner:
             time.sleep(poll)
 
 
+def objective_value(result: Any, objective: str) -> float:
+    """The objective of a training run: its kept epoch's row (``TrainingResult.selected``,
+    train.keep), or the last epoch's where the result has no selection."""
+    row = getattr(result, "selected", None) or result.final
+    return float(row[objective])
+
+
 def _values_key(values: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -473,3 +521,173 @@ def state_name(trial: FrozenTrial) -> str:
     if trial.user_attrs.get(ATTR_SURPLUS):
         return "surplus"
     return trial.state.name.lower()
+
+
+# -- re-runs of the best trials ----------------------------------------------------------
+
+#: tags the seed stream of the re-runs apart from every other use of ``seed``
+_RERUN_STREAM = 0x52455255
+
+
+def rerun_seeds(seed: int, count: int) -> list[int]:
+    """The seeds of re-runs 1..``count``: a function of ``seed`` and the re-run index alone
+    (more re-runs keep the first ones), none equal to ``seed`` or to another."""
+    seeds: list[int] = []
+    index = 0
+    while len(seeds) < count:
+        index += 1
+        drawn = int(np.random.SeedSequence([seed, _RERUN_STREAM, index]).generate_state(1)[0])
+        if drawn != seed and drawn not in seeds:
+            seeds.append(drawn)
+    return seeds
+
+
+def top_trials(trials: Sequence[FrozenTrial], k: int) -> list[FrozenTrial]:
+    """The ``k`` complete trials with the highest values (the lower number first on a tie)."""
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    return sorted(complete, key=lambda t: (-t.value, t.number))[:k]
+
+
+@dataclass(frozen=True)
+class SeedRun:
+    """One training run of a candidate's values: the trial itself or a re-run."""
+
+    seed: int
+    value: float | None  # None: the loss diverged
+    rerun: int  # 0: the trial itself; i: re-run i
+    fail_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A trial re-run with more seeds: its values on every seed and their statistics."""
+
+    trial: FrozenTrial
+    runs: tuple[SeedRun, ...]
+
+    @property
+    def number(self) -> int:
+        return self.trial.number
+
+    @property
+    def values(self) -> list[float]:
+        return [r.value for r in self.runs if r.value is not None]
+
+    @property
+    def failed(self) -> int:
+        return sum(r.value is None for r in self.runs)
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.values))
+
+    @property
+    def std(self) -> float | None:
+        """Sample standard deviation over the seeds (None with fewer than two values)."""
+        return float(np.std(self.values, ddof=1)) if len(self.values) > 1 else None
+
+    @property
+    def min(self) -> float:
+        return float(np.min(self.values))
+
+    @property
+    def max(self) -> float:
+        return float(np.max(self.values))
+
+
+def choose(candidates: Sequence[Candidate]) -> Candidate:
+    """The candidate with the best mean over its seeds (the lower trial number on a tie);
+    one with a diverged run ranks after every candidate without one. Means equal to 12
+    places tie (float sums of the same values in another order differ in the last bit)."""
+    if not candidates:
+        raise ValueError("no candidate to choose from")
+    return max(candidates, key=lambda c: (c.failed == 0, round(c.mean, 12), -c.number))
+
+
+def seed_spread(candidates: Sequence[Candidate]) -> float | None:
+    """The pooled within-candidate standard deviation: how far the objective moves from
+    seed to seed at a fixed configuration (None without two values of one candidate)."""
+    dof = sum(len(c.values) - 1 for c in candidates if len(c.values) > 1)
+    if not dof:
+        return None
+    squares = sum((len(c.values) - 1) * c.std**2 for c in candidates if c.std is not None)
+    return float(np.sqrt(squares / dof))
+
+
+def _rerun_key(trial: int, seed: int) -> str:
+    return f"{RERUN_PREFIX}{trial}:{seed}"
+
+
+def stored_reruns(study: optuna.Study) -> dict[tuple[int, int], dict[str, Any]]:
+    """The finished re-runs of ``study`` by (trial number, seed)."""
+    found = {}
+    for key, record in study.user_attrs.items():
+        if key.startswith(RERUN_PREFIX) and isinstance(record, dict):
+            trial, _, seed = key[len(RERUN_PREFIX) :].partition(":")
+            found[(int(trial), int(seed))] = record
+    return found
+
+
+def rerun_top(
+    study: optuna.Study,
+    counted: Sequence[FrozenTrial],
+    tune: TuneParams,
+    seed: int,
+    rerun: Callable[[FrozenTrial, int], float],
+) -> list[Candidate]:
+    """Re-run the ``tune.rerun_top_k`` best complete trials of ``counted`` with
+    ``tune.rerun_seeds`` more seeds each; [] when re-runs are off.
+
+    ``rerun(trial, seed)`` trains the trial's values with ``seed`` and returns the
+    objective (:meth:`Tuner.rerun`). Each result is stored in the study as it finishes,
+    and stored ones are not run again. A :class:`TrainingDiverged` is stored as a failed
+    run; any other error stops here (the next call resumes after the stored runs)."""
+    if tune.rerun_top_k == 0:
+        return []
+    top = top_trials(counted, tune.rerun_top_k)
+    seeds = rerun_seeds(seed, tune.rerun_seeds)
+    stored = stored_reruns(study)
+    pending = [(t, s) for t in top for s in seeds if (t.number, s) not in stored]
+    if pending:
+        log.info(
+            "re-running the top %d trial(s) with %d more seed(s) each: %d run(s) of %d epochs to go, "
+            "%d stored",
+            len(top),
+            len(seeds),
+            len(pending),
+            tune.epochs,
+            len(top) * len(seeds) - len(pending),
+        )
+    for done, (trial, run_seed) in enumerate(pending, start=1):
+        start = time.perf_counter()
+        log.info(
+            "re-run %d/%d: trial %d (%s, value %.4f) with seed %d",
+            done,
+            len(pending),
+            trial.number,
+            ", ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items()),
+            trial.value,
+            run_seed,
+        )
+        record: dict[str, Any] = {"params": dict(trial.params), "worker": worker_id()}
+        try:
+            record["value"] = float(rerun(trial, run_seed))
+        except TrainingDiverged as exc:
+            record["value"], record["fail_reason"] = None, f"diverged: {exc}"
+            log.warning("re-run of trial %d with seed %d diverged: %s", trial.number, run_seed, exc)
+        record["seconds"] = round(time.perf_counter() - start, 3)
+        study.set_user_attr(_rerun_key(trial.number, run_seed), record)
+        stored[(trial.number, run_seed)] = record
+        if record["value"] is not None:
+            log.info("re-run of trial %d with seed %d: %.4f", trial.number, run_seed, record["value"])
+    candidates = []
+    for trial in top:
+        runs = [SeedRun(seed, float(trial.value), 0)]
+        for index, run_seed in enumerate(seeds, start=1):
+            record = stored[(trial.number, run_seed)]
+            value = record.get("value")
+            runs.append(
+                SeedRun(run_seed, None if value is None else float(value), index, record.get("fail_reason"))
+            )
+        candidates.append(Candidate(trial, tuple(runs)))
+    return candidates

@@ -6,6 +6,13 @@ set, cuts it into batches, and for every class that appears exactly once in a ba
 appends one more, distinct, randomly chosen sample of that class (so a batch may grow
 beyond ``batch_size``). Every training method uses it, baselines included, so
 comparisons stay fair.
+
+Class-balanced sampling (``train.sampling: balanced``) changes only which images make up
+an epoch: as many draws as there are images, the class of each draw chosen with
+probability ``p_c = n_c**(1 - power) / sum_k n_k**(1 - power)`` (``power`` 1: every class
+equally often; 0: as in the data), the image within its class taken from a reshuffled
+cycle through the class so repeats are spread out. The pair guarantee is applied after,
+exactly as for the plain shuffle.
 """
 
 from __future__ import annotations
@@ -24,15 +31,45 @@ class ClassPairBatchSampler(Sampler[list[int]]):
     explicit, seeded ``torch.Generator`` whose state is part of :meth:`state_dict`.
     """
 
-    def __init__(self, labels: Sequence[int], batch_size: int, seed: int) -> None:
+    def __init__(
+        self, labels: Sequence[int], batch_size: int, seed: int, balance_power: float | None = None
+    ) -> None:
         if batch_size < 2:
             raise ValueError("batch_size must be at least 2")
+        if balance_power is not None and not 0.0 <= balance_power <= 1.0:
+            raise ValueError("balance_power must be in [0, 1]")
         self.labels = [int(y) for y in labels]
         self.batch_size = batch_size
+        self.balance_power = balance_power
         self.generator = torch.Generator().manual_seed(seed)
         self.by_class: dict[int, list[int]] = {}
         for index, label in enumerate(self.labels):
             self.by_class.setdefault(label, []).append(index)
+        self.classes = sorted(self.by_class)
+
+    def class_probabilities(self) -> dict[int, float]:
+        """The probability of each class per draw (the data's frequencies when not balanced)."""
+        counts = {c: len(self.by_class[c]) for c in self.classes}
+        power = 0.0 if self.balance_power is None else self.balance_power
+        mass = {c: n ** (1.0 - power) for c, n in counts.items()}
+        total = sum(mass.values())
+        return {c: m / total for c, m in mass.items()}
+
+    def _epoch_order(self) -> list[int]:
+        if self.balance_power is None:
+            return torch.randperm(len(self.labels), generator=self.generator).tolist()
+        probs = self.class_probabilities()
+        weights = torch.tensor([probs[c] for c in self.classes], dtype=torch.float64)
+        draws = torch.multinomial(weights, len(self.labels), replacement=True, generator=self.generator)
+        cycles: dict[int, list[int]] = {c: [] for c in self.classes}
+        order = []
+        for k in draws.tolist():
+            c = self.classes[k]
+            if not cycles[c]:
+                members = self.by_class[c]
+                cycles[c] = [members[i] for i in torch.randperm(len(members), generator=self.generator)]
+            order.append(cycles[c].pop())
+        return order
 
     def __len__(self) -> int:
         return (len(self.labels) + self.batch_size - 1) // self.batch_size
@@ -46,18 +83,20 @@ class ClassPairBatchSampler(Sampler[list[int]]):
         return members[pick + 1 if pick >= position else pick]
 
     def __iter__(self) -> Iterator[list[int]]:
-        order = torch.randperm(len(self.labels), generator=self.generator).tolist()
+        order = self._epoch_order()
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
-            counts: dict[int, int] = {}
+            # distinct images per class: a balanced epoch may draw one image twice
+            members: dict[int, set[int]] = {}
             for index in batch:
-                counts[self.labels[index]] = counts.get(self.labels[index], 0) + 1
+                members.setdefault(self.labels[index], set()).add(index)
             extra = []
             for index in batch:
-                if counts[self.labels[index]] == 1:
+                if members[self.labels[index]] == {index}:
                     partner = self._partner(index)
                     if partner is not None:
                         extra.append(partner)
+                        members[self.labels[index]].add(partner)
             yield batch + extra
 
     def state_dict(self) -> dict[str, Any]:
