@@ -38,6 +38,7 @@ from torch import nn
 
 from synermix.errors import UserError
 from synermix.models import build_model, torchvision_key_map
+from synermix.tracking import redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +220,9 @@ def _from_registry(spec: str, target: _Target, tracking_uri: str | None) -> Init
     try:
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         if registry.get_model(client, name) is None:
-            raise UserError(f"train.init {spec}: no registered model '{name}' in {_redact(uri)}; {listing}")
+            raise UserError(
+                f"train.init {spec}: no registered model '{name}' in {redact_uri(uri)}; {listing}"
+            )
         if alias is not None:
             aliases = registry.aliases_of(client, name)
             if alias not in aliases:
@@ -241,11 +244,11 @@ def _from_registry(spec: str, target: _Target, tracking_uri: str | None) -> Init
     except MlflowException as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
-            f"train.init {spec}: the MLflow store {_redact(uri)} did not answer ({reason[:300]}); check "
+            f"train.init {spec}: the MLflow store {redact_uri(uri)} did not answer ({reason[:300]}); check "
             "MLFLOW_TRACKING_URI (or mlflow.tracking_uri) and that the store is up"
         ) from None
     except OSError as exc:  # the store or its artifacts are unreachable
-        raise UserError(f"train.init {spec}: cannot read from {_redact(uri)} ({exc}); {listing}") from None
+        raise UserError(f"train.init {spec}: cannot read from {redact_uri(uri)} ({exc}); {listing}") from None
     run_id = str(meta.get("mlflow_run_id") or (mv.tags or {}).get("train_run_id") or mv.run_id or "?")
     source = f"models:/{name}/{mv.version} (run {run_id})"
     log.info("train.init %s: warm start from %s", spec, source)
@@ -337,14 +340,6 @@ def _check_registered(spec: str, mv: Any, meta: Mapping[str, Any], sha: str, tar
             f"train.init {spec}: version {mv.version} is a {show(*theirs)}, this run trains a {show(*ours)}; "
             "set train.arch, train.width and train.channels to match, or use another version"
         )
-
-
-def _redact(uri: str) -> str:
-    """A store URI without its password."""
-    parts = urlsplit(uri)
-    if parts.password:
-        return uri.replace(f":{parts.password}@", ":***@")
-    return uri
 
 
 # --------------------------------------------------------------------------- reading

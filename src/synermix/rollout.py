@@ -30,6 +30,7 @@ from synermix import registry
 from synermix.config import Params, ProductionGates
 from synermix.errors import CheckFailed, UserError
 from synermix.gates import GateResult, format_table, verdict
+from synermix.tracking import redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -830,15 +831,7 @@ def _short(value: Any) -> str:
 
 
 # --------------------------------------------------------------------------- bundle
-def _redact(uri: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(uri)
-    if parts.password or parts.username:
-        host = parts.hostname or ""
-        netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return uri
+_redact = redact_uri  # cli.py and the bundle's model card
 
 
 def card_info(client: Any, name: str, mv: Any, alias: str | None, folder: Path) -> dict[str, Any]:

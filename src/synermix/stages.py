@@ -356,8 +356,9 @@ def run_tune(params: Params, root: Path = Path("."), worker: bool = False, wait_
     from mlflow.entities import Param
 
     from synermix import tuning
+    from synermix.data.datasets import infer_channels
     from synermix.tracking import MlflowTrialLogger, flatten, stage_outcome, tracking_uri
-    from synermix.training import TrainingData, load_training_data
+    from synermix.training import TrainingData, check_training_inputs, load_training_data
 
     tune = params.tune
     if not tune.enabled:
@@ -367,6 +368,10 @@ def run_tune(params: Params, root: Path = Path("."), worker: bool = False, wait_
     names, train_rows, val_rows, manifest_sha = train_val_rows(params, root)
     trial_rows = tuning.cap_train_rows(train_rows, tune.max_per_class, params.seed)
     base = tuning.trial_base(params.train, tune)
+    # bad class weights, input size or starting weights stop before the study is opened, and
+    # the starting weights are read once for every trial and re-run, not once per trial
+    channels = infer_channels(trial_rows) if base.channels == "auto" else int(base.channels)
+    init = check_training_inputs(base, names, channels, tracking_uri(params.mlflow))
     image_root = root / PREPARED_DIR
     name = tuning.study_name(image_root, trial_rows, val_rows, names, params.seed, base, tune)
     state_dir = root / TUNE_STATE_DIR
@@ -412,7 +417,15 @@ def run_tune(params: Params, root: Path = Path("."), worker: bool = False, wait_
 
         data = None if complete else load_data()
         tuner = tuning.Tuner(
-            study, tune, base, params.seed, names, data, state_dir / "trials" / name, load_data=load_data
+            study,
+            tune,
+            base,
+            params.seed,
+            names,
+            data,
+            state_dir / "trials" / name,
+            load_data=load_data,
+            init=init,
         )
 
         if worker:  # the main stage created the MLflow store and the parent run before the study

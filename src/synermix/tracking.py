@@ -30,6 +30,18 @@ from synermix.config import MlflowParams, Params
 log = logging.getLogger(__name__)
 
 
+def redact_uri(uri: str) -> str:
+    """A store URI with its user and password hidden, for messages and model cards."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password or parts.username:
+        host = parts.hostname or ""
+        netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return uri
+
+
 def tracking_uri(params: MlflowParams) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or params.tracking_uri
 

@@ -336,6 +336,9 @@ class Tuner:
     histories: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     #: loads ``data`` when it is None and a re-run needs it
     load_data: Callable[[], TrainingData] | None = None
+    #: the starting weights (:func:`synermix.training.check_training_inputs`), read once for
+    #: every trial; None: each trial resolves ``train.init`` itself
+    init: Any = None
 
     def objective(self, trial: optuna.Trial) -> float:
         frozen = next(t for t in self.study.get_trials(deepcopy=False) if t.number == trial.number)
@@ -376,6 +379,7 @@ class Tuner:
                 on_epoch_end=report,
                 data=self.data,
                 on_resume=lambda epoch: trial.set_user_attr(ATTR_RESUMED, epoch),
+                init=self.init,
             )
         except optuna.TrialPruned:
             checkpoint.unlink(missing_ok=True)
@@ -421,6 +425,7 @@ class Tuner:
                 seed,
                 checkpoint_path=checkpoint,
                 data=self.data,
+                init=self.init,
             )
         except TrainingDiverged:
             checkpoint.unlink(missing_ok=True)
