@@ -444,6 +444,34 @@ def test_racing_alias_moves_in_threads_serialise(fake_registry):
     assert registry.aliases_of(c, "synermix")["pilot"] == moves[-1].version
 
 
+def test_alias_lock_taken_when_the_holder_releases_during_a_duplicate_create(fake_registry, monkeypatch):
+    """The interleaving CI hit: a create finds the lock held (IntegrityError), MLflow's SQL
+    store reads the existing model back to word its error, and the holder has released
+    the lock in between, so the create fails with "not found". The lock is free then:
+    the waiter must take it, not fail the move."""
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
+
+    _params, c, add, _ = fake_registry
+    version = add(gates_passed="true")
+    lock = f"synermix{registry.LOCK_SUFFIX}"
+    c.create_registered_model(lock)  # held by "another command"
+    original = SqlAlchemyStore.get_registered_model
+    released: list[str] = []
+
+    def holder_releases_first(self, name):
+        if name == lock and not released:
+            released.append(name)
+            c.delete_registered_model(lock)
+        return original(self, name)
+
+    monkeypatch.setattr(SqlAlchemyStore, "get_registered_model", holder_releases_first)
+    move = registry.move_alias(c, "synermix", "pilot", version, action="promote", reason="race")
+    assert released == [lock]
+    assert move.version == version
+    assert registry.aliases_of(c, "synermix")["pilot"] == version
+    assert registry.get_model(c, lock) is None
+
+
 def test_rollout_commands_print_tables_and_one_line_errors(fake_registry, tmp_path, capsys):
     from synermix.cli import main
 

@@ -196,6 +196,11 @@ def alias_lock(
             )
             break
         except MlflowException as exc:
+            if _missing(exc):
+                # MLflow's SQL store answers a duplicate create by reading the existing
+                # model back; when the holder released the lock in between, that read
+                # fails with "not found". The lock is free: try again at once.
+                continue
             if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
                 raise
         existing = get_model(client, lock)
