@@ -19,7 +19,7 @@ from optuna.trial import TrialState, create_trial
 from PIL import Image
 
 from synermix.config import Params, parse_params
-from synermix.engine import TrainingDiverged
+from synermix.engine import TrainingDiverged, load_checkpoint
 from synermix.errors import CheckFailed, UserError
 from synermix.stages import (
     BEST_PARAMS,
@@ -562,7 +562,9 @@ def _tune_process(root: Path, *extra: str) -> subprocess.Popen:
 
 def test_kill_during_a_trial_then_resume_keeps_finished_trials_and_the_budget(project):
     root, photos = project
-    params = tune_params(photos, n_trials=4, epochs=4, pruner={"kind": "none"})
+    # six epochs, and the kill lands at the third: the dead worker's last checkpoint is then
+    # of an unfinished trial even when a loaded host stretches the poll below
+    params = tune_params(photos, n_trials=4, epochs=6, pruner={"kind": "none"})
     _write_params_file(root, params)
     storage = f"sqlite:///{root / TUNE_STATE_DIR / 'optuna.db'}"
     worker = _tune_process(root)
@@ -576,12 +578,15 @@ def test_kill_during_a_trial_then_resume_keeps_finished_trials_and_the_budget(pr
             continue
         trials = study.get_trials()
         done = [t for t in trials if t.state == TrialState.COMPLETE]
-        running = [t for t in trials if t.state == TrialState.RUNNING and len(t.intermediate_values) >= 2]
+        running = [t for t in trials if t.state == TrialState.RUNNING and 2 <= len(t.intermediate_values) < 4]
         if done and running:
             victim = running[0]
     assert victim is not None, worker.stderr.read() if worker.poll() is not None else "no trial reached"
     worker.send_signal(signal.SIGKILL)
     worker.wait()
+    (left,) = (root / TUNE_STATE_DIR / "trials").rglob("*.pt")  # the dead trial's checkpoint
+    left_at = int(load_checkpoint(left)["epoch"])
+    assert 2 <= left_at < params.tune.epochs
     finished_before = {
         t.number: (t.params, t.value) for t in study.get_trials() if t.state == TrialState.COMPLETE
     }
@@ -596,7 +601,7 @@ def test_kill_during_a_trial_then_resume_keeps_finished_trials_and_the_budget(pr
     retries = [t for t in trials.values() if t.system_attrs.get("failed_trial") == victim.number]
     assert len(retries) == 1 and retries[0].params == victim.params
     assert retries[0].state == TrialState.COMPLETE
-    assert retries[0].user_attrs["resumed_from_epoch"] >= 2  # from the dead worker's checkpoint
+    assert retries[0].user_attrs["resumed_from_epoch"] == left_at  # from the dead worker's checkpoint
     assert metrics["trials"] == 4 and sum(is_counted(t) for t in trials.values()) == 4
     table = pd.read_csv(root / TUNE_PLOTS_DIR / "trials.csv")
     assert table.loc[table["trial"] == victim.number, "state"].item() == "fail"
