@@ -3,9 +3,10 @@
 GX checks tables, so the per-image facts (decodable, mode, size, grey-level mean and
 std, content hash) are columns of the manifest written by prepare, and the dataset-level
 facts (images per class and split, class imbalance, hashes shared across classes or
-splits) are derived tables built here. Each rule of ``validate.rules`` becomes one or two
-GX expectations; their results are gathered per rule into :class:`RuleResult` with the
-observed value and the offending files.
+splits) are derived tables built here. Each rule of ``validate.rules`` is one entry of
+:data:`synermix.data.validation_rules.RULES`: the GX expectations it runs and how its
+results read. :func:`validate_manifest` runs them, one GX suite per rule, and gathers each
+into a :class:`RuleResult` with the observed value and the offending files.
 
 Image rules (decodable, allowed_modes, size_limits, exposure) judge single files. With
 ``validate.on_bad_images: quarantine`` the files failing an image rule of severity
@@ -21,7 +22,8 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from types import ModuleType
 from typing import Any
 
 import pandas as pd
@@ -29,27 +31,12 @@ import pandas as pd
 from synermix.config import ValidateParams
 from synermix.data.manifest import QUARANTINE_COLUMNS
 from synermix.data.splits import SPLITS
+from synermix.data.validation_rules import RULES, Check, Tables, ValidationRule
 
 log = logging.getLogger(__name__)
 
-IMAGE_RULES = ("decodable", "allowed_modes", "size_limits", "exposure")
-DATASET_RULES = (
-    "declared_labels",
-    "min_per_class",
-    "class_imbalance",
-    "split_leakage",
-    "conflicting_labels",
-    "duplicates",
-)
-
-
-#: Why a file breaks an image rule, as shown in reports and the quarantine table.
-IMAGE_REASONS = {
-    "decodable": lambda row: str(row["error"]),
-    "allowed_modes": lambda row: f"mode {row['mode']}",
-    "size_limits": lambda row: f"{row['width']}x{row['height']} px",
-    "exposure": lambda row: f"mean {row['mean_intensity']:.1f}, std {row['std_intensity']:.1f}",
-}
+IMAGE_RULES = tuple(r.name for r in RULES if r.scope == "image")
+DATASET_RULES = tuple(r.name for r in RULES if r.scope == "dataset")
 
 
 @dataclass
@@ -153,16 +140,6 @@ class _GX:
         return [by_id[e.id] for e in suite.expectations]
 
 
-def _unexpected(results, column: str) -> list[str]:
-    keys: list[str] = []
-    for res in results:
-        for entry in res.result.get("unexpected_index_list") or []:
-            value = str(entry[column])
-            if value not in keys:
-                keys.append(value)
-    return keys
-
-
 # --------------------------------------------------------------------------- derived tables
 def image_table(manifest: pd.DataFrame) -> pd.DataFrame:
     """Per-image table: the manifest plus the columns the image and hash rules look at."""
@@ -197,278 +174,43 @@ def class_count_table(rows: pd.DataFrame, labels: Sequence[str]) -> pd.DataFrame
     return counts.reset_index()
 
 
-# --------------------------------------------------------------------------- the rules
-def _file_entries(table: pd.DataFrame, keys: list[str], reason) -> list[dict[str, str]]:
-    indexed = table.set_index("source_path", drop=False)
-    entries = []
-    for key in keys:
-        row = indexed.loc[key]
-        if isinstance(row, pd.DataFrame):
-            row = row.iloc[0]
-        entries.append({"file": key, "label": str(row["label"]), "reason": reason(row)})
-    return entries
-
-
+# --------------------------------------------------------------------------- running the rules
 def validate_manifest(
     manifest: pd.DataFrame,
     params: ValidateParams,
     declared_classes: Sequence[str] = (),
 ) -> ValidationReport:
-    """Run every rule of ``params.rules`` over ``manifest``; never raises on bad data."""
+    """Run every rule of ``params.rules`` over ``manifest``; never raises on bad data.
+
+    The image rules run first; the files they quarantine are left out of the tables the
+    dataset rules run on. Results list the image rules, the quarantine limit (when
+    broken), then the dataset rules, each scope in the order of :data:`RULES`.
+    """
     import great_expectations.expectations as gxe
 
-    rules = params.rules
-    limit = params.max_listed_files
     gx = _GX()
-    results: list[RuleResult] = []
     images = image_table(manifest)
-    decoded = images[images["decodable"]]
+    tables = Tables(
+        images=images, decoded=images[images["decodable"]], declared_classes=tuple(declared_classes)
+    )
 
-    def finish(name, scope, threshold, fix, keys, observed, entries) -> RuleResult:
-        severity = getattr(rules, name).severity
-        if not keys:
-            status = "passed"
-        elif severity == "warning":
-            status = "warning"
-        elif scope == "image" and params.on_bad_images == "quarantine":
-            status = "quarantined"
-        else:
-            status = "failed"
-        result = RuleResult(
-            name, scope, severity, status, threshold, observed, len(keys), entries[:limit], fix
-        )
-        results.append(result)
-        return result
-
-    def off(name, scope, why="severity is 'off'"):
-        results.append(RuleResult(name, scope, "off", "off", "", why))
-
-    # ---- image rules ---------------------------------------------------------------
-    image_checks: dict[str, tuple[pd.DataFrame, list]] = {}
-    if rules.decodable.severity != "off":
-        image_checks["decodable"] = (
-            images,
-            [gxe.ExpectColumnValuesToBeInSet(column="decodable", value_set=[True])],
-        )
-    if rules.allowed_modes.severity != "off":
-        image_checks["allowed_modes"] = (
-            decoded,
-            [gxe.ExpectColumnValuesToBeInSet(column="mode", value_set=list(rules.allowed_modes.modes))],
-        )
-    if rules.size_limits.severity != "off":
-        s = rules.size_limits
-        image_checks["size_limits"] = (
-            decoded,
-            [
-                gxe.ExpectColumnValuesToBeBetween(column="min_side", min_value=s.min_side),
-                gxe.ExpectColumnValuesToBeBetween(column="max_side", max_value=s.max_side),
-            ],
-        )
-    if rules.exposure.severity != "off":
-        e = rules.exposure
-        image_checks["exposure"] = (
-            decoded,
-            [
-                gxe.ExpectColumnValuesToBeBetween(
-                    column="mean_intensity", min_value=e.min_mean, max_value=e.max_mean
-                ),
-                gxe.ExpectColumnValuesToBeBetween(column="std_intensity", min_value=e.min_std),
-            ],
-        )
-    image_meta = {
-        "decodable": (
-            "every file decodes",
-            "replace or remove these files in the source, or set validate.on_bad_images: quarantine",
-        ),
-        "allowed_modes": (
-            f"mode in {', '.join(rules.allowed_modes.modes)}",
-            "convert these images, or add their mode to validate.rules.allowed_modes.modes "
-            "(prepare then converts them to L or RGB)",
-        ),
-        "size_limits": (
-            f"{rules.size_limits.min_side} <= each side <= {rules.size_limits.max_side} px",
-            "remove these images or change validate.rules.size_limits",
-        ),
-        "exposure": (
-            f"{rules.exposure.min_mean} <= mean grey <= {rules.exposure.max_mean}, "
-            f"std >= {rules.exposure.min_std}",
-            "blank or saturated frames (a camera fault?): remove them, or adjust validate.rules.exposure",
-        ),
-    }
-    bad_image_keys: dict[str, list[str]] = {}
-    for name in IMAGE_RULES:
-        if name not in image_checks:
-            off(name, "image")
-            continue
-        table, expectations = image_checks[name]
-        gx_results = gx.validate(table, expectations, ["source_path"])
-        keys = _unexpected(gx_results, "source_path")
-        threshold, fix = image_meta[name]
-        observed = f"{len(keys)} of {len(table)} images"
-        entries = _file_entries(table, keys, IMAGE_REASONS[name])
-        result = finish(name, "image", threshold, fix, keys, observed, entries)
-        if result.status == "quarantined":
-            bad_image_keys[name] = keys
-
-    # ---- quarantine ----------------------------------------------------------------
-    quarantine = _quarantine_table(images, bad_image_keys)
-    kept = decoded[~decoded["source_path"].isin(set(quarantine["source_path"]))]
+    image_rules = [rule for rule in RULES if rule.scope == "image"]
+    image_checks = [_run_rule(rule, params, tables, gx, gxe) for rule in image_rules]
+    results = [result for result, _ in image_checks]
+    quarantined = [
+        (rule, keys)
+        for rule, (result, keys) in zip(image_rules, image_checks, strict=True)
+        if result.status == "quarantined"
+    ]
+    quarantine = _quarantine_table(images, quarantined)
+    kept = tables.decoded[~tables.decoded["source_path"].isin(set(quarantine["source_path"]))]
     kept = kept[kept["split"] != ""]
     if params.on_bad_images == "quarantine":
-        fraction = len(quarantine) / max(1, len(images))
-        if fraction > params.max_quarantined_fraction:
-            results.append(
-                RuleResult(
-                    "quarantine_limit",
-                    "dataset",
-                    "error",
-                    "failed",
-                    f"at most {params.max_quarantined_fraction:.1%} of images quarantined",
-                    f"{len(quarantine)} of {len(images)} images ({fraction:.1%}) quarantined",
-                    len(quarantine),
-                    [],
-                    "too many bad images for a quarantine: look at the source "
-                    "(camera, export settings) or raise validate.max_quarantined_fraction",
-                )
-            )
+        results += _quarantine_limit(params, len(quarantine), len(images))
 
-    # ---- dataset rules -------------------------------------------------------------
     counts = class_count_table(kept, [*declared_classes, *images["label"]])
-    hashes = hash_table(kept)
-
-    if rules.declared_labels.severity == "off":
-        off("declared_labels", "dataset")
-    elif not declared_classes:
-        off("declared_labels", "dataset", "no class list declared in data.classes")
-    else:
-        res = gx.validate(
-            kept,
-            [gxe.ExpectColumnValuesToBeInSet(column="label", value_set=list(declared_classes))],
-            ["source_path"],
-        )
-        keys = _unexpected(res, "source_path")
-        strays = sorted(set(kept.set_index("source_path").loc[keys, "label"])) if keys else []
-        finish(
-            "declared_labels",
-            "dataset",
-            f"label in data.classes ({', '.join(declared_classes)})",
-            "add the class to data.classes, or move these images out of the source",
-            keys,
-            f"{len(keys)} images in undeclared classes: {', '.join(strays) or 'none'}",
-            _file_entries(kept, keys, lambda r: f"class '{r['label']}' is not declared"),
-        )
-
-    if rules.min_per_class.severity == "off":
-        off("min_per_class", "dataset")
-    else:
-        m = rules.min_per_class
-        expectations = [gxe.ExpectColumnValuesToBeBetween(column=s, min_value=getattr(m, s)) for s in SPLITS]
-        res = gx.validate(counts, expectations, ["label"])
-        entries = []
-        for split, r in zip(SPLITS, res, strict=True):
-            for entry in r.result.get("unexpected_index_list") or []:
-                label = str(entry["label"])
-                have = int(counts.set_index("label").loc[label, split])
-                entries.append(
-                    {
-                        "file": f"{label}/{split}",
-                        "label": label,
-                        "reason": f"{have} image(s) in {split}, need {getattr(m, split)}",
-                    }
-                )
-        if len(counts) < 2:
-            entries.insert(
-                0,
-                {
-                    "file": "dataset",
-                    "label": "",
-                    "reason": f"{len(counts)} class(es) in the data, need at least 2",
-                },
-            )
-        shown = "; ".join(f"'{e['label']}' {e['reason']}" if e["label"] else e["reason"] for e in entries[:5])
-        finish(
-            "min_per_class",
-            "dataset",
-            f"per class: train >= {m.train}, val >= {m.val}, test >= {m.test}",
-            "add images of these classes, or lower validate.rules.min_per_class",
-            [e["file"] for e in entries],
-            shown or "every class has enough images",
-            entries,
-        )
-
-    if rules.class_imbalance.severity == "off":
-        off("class_imbalance", "dataset")
-    else:
-        limit_ratio = rules.class_imbalance.max_ratio
-        res = gx.validate(
-            counts,
-            [gxe.ExpectColumnValuesToBeBetween(column="ratio_to_smallest", max_value=limit_ratio)],
-            ["label"],
-        )
-        keys = _unexpected(res, "label")
-        ratio = float(counts["ratio_to_smallest"].max()) if len(counts) else 0.0
-        smallest = counts.loc[counts["total"].idxmin(), "label"] if len(counts) else ""
-        finish(
-            "class_imbalance",
-            "dataset",
-            f"largest / smallest class <= {limit_ratio:g}",
-            "collect more images of the small class, cap large ones (data.max_per_class), "
-            "or raise validate.rules.class_imbalance.max_ratio",
-            keys,
-            f"largest / smallest class = {ratio:.2f} (smallest: '{smallest}')",
-            [
-                {
-                    "file": k,
-                    "label": k,
-                    "reason": f"{float(counts.set_index('label').loc[k, 'ratio_to_smallest']):.2f}x "
-                    f"the smallest class",
-                }
-                for k in keys
-            ],
-        )
-
-    hash_rules = {
-        "conflicting_labels": (
-            "labels_for_content",
-            "each picture under one class",
-            "the same picture is filed under several classes: keep it in the right class folder only",
-            lambda r: f"same picture also under another class (hash {r['content_sha256'][:10]})",
-        ),
-        "split_leakage": (
-            "splits_for_content",
-            "each picture in one split",
-            "a picture is shared across splits: re-run prepare (it keeps equal pictures together) "
-            "and never edit the manifest's split column by hand",
-            lambda r: f"same picture in several splits (hash {r['content_sha256'][:10]})",
-        ),
-        "duplicates": (
-            "copies_in_class",
-            "no repeated picture within a class",
-            "remove the extra copies; duplicates weigh those pictures twice in training",
-            lambda r: f"{r['copies_in_class']} copies in class '{r['label']}'",
-        ),
-    }
-    for name in ("split_leakage", "conflicting_labels", "duplicates"):
-        column, threshold, fix, reason = hash_rules[name]
-        if getattr(rules, name).severity == "off":
-            off(name, "dataset")
-            continue
-        res = gx.validate(
-            hashes, [gxe.ExpectColumnValuesToBeBetween(column=column, max_value=1)], ["source_path"]
-        )
-        keys = _unexpected(res, "source_path")
-        finish(
-            name,
-            "dataset",
-            threshold,
-            fix,
-            keys,
-            f"{len(keys)} images affected",
-            _file_entries(hashes, keys, reason),
-        )
-
-    order = {name: i for i, name in enumerate((*IMAGE_RULES, "quarantine_limit", *DATASET_RULES))}
-    results.sort(key=lambda r: order[r.rule])
+    tables = replace(tables, kept=kept, counts=counts, hashes=hash_table(kept))
+    results += [_run_rule(rule, params, tables, gx, gxe)[0] for rule in RULES if rule.scope == "dataset"]
     return ValidationReport(
         results=results,
         quarantine=quarantine,
@@ -479,11 +221,65 @@ def validate_manifest(
     )
 
 
-def _quarantine_table(images: pd.DataFrame, bad: dict[str, list[str]]) -> pd.DataFrame:
+def _run_rule(
+    rule: ValidationRule, params: ValidateParams, tables: Tables, gx: _GX, gxe: ModuleType
+) -> tuple[RuleResult, list[str]]:
+    """One rule's result, and every key it found (the result lists at most max_listed_files)."""
+    settings = getattr(params.rules, rule.name)
+    why_off = "severity is 'off'" if settings.severity == "off" else rule.why_not_applicable(tables)
+    if why_off:
+        return RuleResult(rule.name, rule.scope, "off", "off", "", why_off), []
+    table = getattr(tables, rule.table)
+    gx_results = gx.validate(table, rule.expectations(gxe, settings, tables), [rule.index])
+    finding = rule.observe(Check(rule, settings, tables, table, gx_results))
+    if not finding.keys:
+        status = "passed"
+    elif settings.severity == "warning":
+        status = "warning"
+    elif rule.scope == "image" and params.on_bad_images == "quarantine":
+        status = "quarantined"
+    else:
+        status = "failed"
+    result = RuleResult(
+        rule.name,
+        rule.scope,
+        settings.severity,
+        status,
+        rule.description(settings, tables),
+        finding.observed,
+        len(finding.keys),
+        finding.offending[: params.max_listed_files],
+        rule.fix,
+    )
+    return result, finding.keys
+
+
+def _quarantine_limit(params: ValidateParams, quarantined: int, images: int) -> list[RuleResult]:
+    """A failed ``quarantine_limit`` when more than ``max_quarantined_fraction`` is bad, else none."""
+    fraction = quarantined / max(1, images)
+    if fraction <= params.max_quarantined_fraction:
+        return []
+    return [
+        RuleResult(
+            "quarantine_limit",
+            "dataset",
+            "error",
+            "failed",
+            f"at most {params.max_quarantined_fraction:.1%} of images quarantined",
+            f"{quarantined} of {images} images ({fraction:.1%}) quarantined",
+            quarantined,
+            [],
+            "too many bad images for a quarantine: look at the source "
+            "(camera, export settings) or raise validate.max_quarantined_fraction",
+        )
+    ]
+
+
+def _quarantine_table(images: pd.DataFrame, bad: list[tuple[ValidationRule, list[str]]]) -> pd.DataFrame:
     """One row per quarantined file, naming every image rule it broke and why."""
     indexed = images.drop_duplicates("source_path").set_index("source_path", drop=False)
-    per_file: dict[str, list[str]] = {}
-    for rule, keys in bad.items():
+    per_file: dict[str, list[ValidationRule]] = {}
+    for rule, keys in bad:
         for key in keys:
             per_file.setdefault(key, []).append(rule)
     rows = []
@@ -494,8 +290,8 @@ def _quarantine_table(images: pd.DataFrame, bad: dict[str, list[str]]) -> pd.Dat
                 "source_path": key,
                 "label": str(row["label"]),
                 "split": str(row["split"]),
-                "rules": ";".join(broken),
-                "reasons": "; ".join(IMAGE_REASONS[rule](row) for rule in broken),
+                "rules": ";".join(rule.name for rule in broken),
+                "reasons": "; ".join(rule.reason(row) for rule in broken),
             }
         )
     return pd.DataFrame(rows, columns=list(QUARANTINE_COLUMNS))
