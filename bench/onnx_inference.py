@@ -29,15 +29,9 @@ import torch
 from synermix import onnx_export as ox
 from synermix.config import load_params
 from synermix.inference import Classifier
-from synermix.stages import (
-    EXPORT_DIR,
-    MODEL_DIR,
-    ONNX_MODEL,
-    PREPARED_DIR,
-    calibration_rows,
-    evaluation_rows,
-    production_inputs,
-)
+from synermix.paths import EXPORT_DIR, MODEL_DIR, ONNX_MODEL, PREPARED_DIR
+from synermix.stages.common import evaluation_rows
+from synermix.stages.export import calibration_rows, production_inputs
 from synermix.training import load_trained_model
 
 

@@ -41,7 +41,7 @@ from pathlib import Path
 from synermix.config import ServeParams
 from synermix.data.manifest import MANIFEST_NAME, read_manifest
 from synermix.inference import Classifier
-from synermix.stages import PREPARED_DIR
+from synermix.paths import PREPARED_DIR
 
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 120.0

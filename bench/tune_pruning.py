@@ -1,6 +1,6 @@
 """Pruning benchmark: the same tuning budget with and without pruning, side by side.
 
-Runs the real tune stage (``synermix.stages.run_tune``) once per pruner and seed, each in
+Runs the real tune stage (``synermix.stages.tune.run_tune``) once per pruner and seed, each in
 a scratch folder with its own study and MLflow store, on the project's prepared data (run
 ``dvc repro validate`` first) or on a Fashion-MNIST subset, and prints for each: trials
 complete/pruned, epochs spent, the share of the epochs of the same search without pruning,
@@ -27,7 +27,10 @@ import yaml
 
 from synermix.cli import setup_logging
 from synermix.config import load_params, parse_params
-from synermix.stages import PREPARED_DIR, QUARANTINE_CSV, run_prepare, run_tune, run_validate
+from synermix.paths import PREPARED_DIR, QUARANTINE_CSV
+from synermix.stages.prepare import run_prepare
+from synermix.stages.tune import run_tune
+from synermix.stages.validate import run_validate
 
 
 def _override(raw: dict, dotted: str, value: str) -> None:

@@ -229,7 +229,8 @@ def run_bench(
     seed; return (and store in ``out``) the rows, the rank correlation and the spread."""
     from tqdm import tqdm
 
-    from synermix.stages import PREPARED_DIR, QUARANTINE_CSV, train_val_rows
+    from synermix.paths import PREPARED_DIR, QUARANTINE_CSV
+    from synermix.stages.common import train_val_rows
     from synermix.training import TrainingData, load_training_data, train_model
     from synermix.tuning import cap_train_rows, objective_value, rerun_seeds, trial_base, with_values
 

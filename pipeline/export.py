@@ -3,13 +3,14 @@
 from synermix.cli import setup_logging
 from synermix.config import load_params
 from synermix.errors import exit_on_user_error
-from synermix.stages import run_export
+from synermix.paths import PARAMS_FILE
+from synermix.stages.export import run_export
 
 
 @exit_on_user_error
 def main() -> None:
     setup_logging()
-    run_export(load_params("params.yaml"))
+    run_export(load_params(PARAMS_FILE))
 
 
 if __name__ == "__main__":

@@ -3,13 +3,14 @@
 from synermix.cli import setup_logging
 from synermix.config import load_params
 from synermix.errors import exit_on_user_error
-from synermix.stages import run_validate
+from synermix.paths import PARAMS_FILE
+from synermix.stages.validate import run_validate
 
 
 @exit_on_user_error
 def main() -> None:
     setup_logging()
-    run_validate(load_params("params.yaml"))
+    run_validate(load_params(PARAMS_FILE))
 
 
 if __name__ == "__main__":

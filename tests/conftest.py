@@ -44,23 +44,6 @@ def huge_png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
-@pytest.fixture(autouse=True)
-def _no_inherited_mlflow_store():
-    """``mlflow.set_tracking_uri`` (the stages call it) is process-global and outranks
-    MLFLOW_TRACKING_URI, so a test would otherwise inherit the previous test's store."""
-    import sys
-
-    if "mlflow" in sys.modules:
-        from mlflow.tracking._tracking_service import utils
-
-        utils._tracking_uri = None
-    yield
-    if "mlflow" in sys.modules:
-        from mlflow.tracking._tracking_service import utils
-
-        utils._tracking_uri = None
-
-
 @pytest.fixture
 def make_dataset(tmp_path: Path) -> Callable[..., Path]:
     """Build ``tmp_path/photos/<class>/<n>.png`` with healthy random images."""
@@ -94,7 +77,8 @@ def train_project(tmp_path, make_dataset, make_params, monkeypatch):
     """Factory: a prepared folder dataset (``counts`` images per class) and a model trained
     on it for one epoch, MLflow in ``tmp_path`` (or at ``tracking_uri``); returns the raw
     params sections used."""
-    from synermix.stages import run_prepare, run_train
+    from synermix.stages.prepare import run_prepare
+    from synermix.stages.train import run_train
 
     def build(counts: dict[str, int], experiment: str, tracking_uri: str | None = None, **sections) -> dict:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri or f"sqlite:///{tmp_path / 'mlflow.db'}")

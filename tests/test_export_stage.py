@@ -9,14 +9,9 @@ import torch
 
 from synermix.errors import CheckFailed
 from synermix.inference import Classifier, ModelInfo
-from synermix.stages import (
-    EXPORT_DIR,
-    EXPORT_METRICS,
-    MODEL_DIR,
-    ONNX_MODEL,
-    run_evaluate,
-    run_export,
-)
+from synermix.paths import EXPORT_DIR, EXPORT_METRICS, MODEL_DIR, ONNX_MODEL
+from synermix.stages.evaluate import run_evaluate
+from synermix.stages.export import run_export
 
 from .test_evaluate_stage import LAX
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torchvision.models as tvm
 
+from synermix import tracking
 from synermix.config import TrainParams
 from synermix.data.transforms import Preprocessing
 from synermix.errors import UserError
@@ -284,7 +285,6 @@ def registered(tmp_path_factory) -> dict:
     version 2 whose own files lack them (found through its training run)."""
     import mlflow
     import onnx
-    from mlflow.tracking import MlflowClient
     from onnx import TensorProto, helper
 
     from synermix import registry
@@ -292,11 +292,9 @@ def registered(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     source = tiny(3, 1, seed=7)
-    client = MlflowClient(uri)
+    client = tracking.client(uri)
     experiment = client.create_experiment("init", artifact_location=(root / "artifacts").as_uri())
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
+    with tracking.using_store(uri):
         with mlflow.start_run(experiment_id=experiment) as train_run:  # what run_train logs
             folder = saved_model(root / "model", source, ["a", "b", "c"], 1, train_run.info.run_id)
             mlflow.log_artifacts(str(folder), artifact_path="model")
@@ -318,7 +316,7 @@ def registered(tmp_path_factory) -> dict:
         registry.ensure_model(client, "synermix")
         sha = json.loads((folder / "model.json").read_text())["weights_sha256"]
         tags = {"weights_sha256": sha, "train_run_id": train_run.info.run_id}
-        # (MLflow looks a logged model up in the global store, hence still inside the try)
+        # (MLflow looks a logged model up in the global store, hence still inside the block)
         # version 1 links to no training run: only its own extra files can provide the weights
         client.create_model_version(
             "synermix",
@@ -330,8 +328,6 @@ def registered(tmp_path_factory) -> dict:
         client.create_model_version(
             "synermix", f"{register_run.info.artifact_uri}/other", register_run.info.run_id, tags=tags
         )
-    finally:
-        mlflow.set_tracking_uri(previous)
     registry.move_alias(client, "synermix", "candidate", "1", action="register", reason="test")
     return {"uri": uri, "source": source, "train_run": train_run.info.run_id, "sha": sha}
 

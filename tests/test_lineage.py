@@ -10,7 +10,8 @@ import yaml
 from synermix import lineage
 from synermix.config import parse_params
 from synermix.errors import CheckFailed
-from synermix.stages import run_evaluate, run_validate
+from synermix.stages.evaluate import run_evaluate
+from synermix.stages.validate import run_validate
 
 
 @pytest.mark.parametrize(

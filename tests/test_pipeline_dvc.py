@@ -187,6 +187,16 @@ def test_dvc_repro_on_real_elpv_subset(project):
     again = run([str(DVC), "repro"], repo, env)
     assert ran(again.stdout) == set() and "Data and pipelines are up to date" in again.stdout
 
+    # one room per stage: a changed line in the export stage's module changes export alone
+    # (register follows through export's outputs), and the re-exported file is the same
+    export_code = repo / "src/synermix/stages/export.py"
+    export_code.write_text(export_code.read_text() + "\n# a changed line\n")
+    status = json.loads(run([str(DVC), "status", "--json"], repo, env).stdout)
+    assert set(status) == {"export"}, status
+    reran = ran(run([str(DVC), "repro"], repo, env).stdout)
+    assert "export" in reran and reran <= {"export", "register"}
+    assert json.loads(run([str(DVC), "status", "--json"], repo, env).stdout) == {}
+
     # validate's outputs do not change, so training is not redone
     set_params(repo, validate__rules__exposure__min_std=1.5)
     only_validate = run([str(DVC), "repro"], repo, env)

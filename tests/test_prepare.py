@@ -10,7 +10,8 @@ from synermix.data.manifest import BASE_COLUMNS, read_manifest
 from synermix.data.prepare import MARKER_NAME, cap_per_class, prepare_dataset
 from synermix.data.sources import list_elpv
 from synermix.errors import UserError
-from synermix.stages import PREPARE_SUMMARY, PREPARED_DIR, run_prepare
+from synermix.paths import PREPARE_SUMMARY, PREPARED_DIR
+from synermix.stages.prepare import run_prepare
 
 from .conftest import noise_image
 

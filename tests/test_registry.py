@@ -14,11 +14,17 @@ import numpy as np
 import pytest
 import yaml
 
+from synermix import pilot as pilot_line
 from synermix import registry, rollout
 from synermix.config import parse_params
 from synermix.errors import CheckFailed, UserError
+from synermix.gates import production_checks
+from synermix.paths import ONNX_MODEL, REGISTER_REPORT
 from synermix.registry import AliasMove, rollback_target
-from synermix.stages import ONNX_MODEL, REGISTER_REPORT, run_evaluate, run_export, run_register
+from synermix.stages.evaluate import run_evaluate
+from synermix.stages.export import run_export
+from synermix.stages.register import run_register
+from synermix.tracking import client, experiment_id, using_store
 from tests.conftest import noise_image
 
 LAX = {
@@ -30,12 +36,6 @@ LAX = {
 }
 #: production gates a one-epoch model on noise can meet: the checks themselves are what is tested
 PILOT_GATES = {"min_images": 6, "min_accuracy": 0.0, "min_macro_recall": 0.0, "max_drop": {"accuracy": 1.0}}
-
-
-def client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(uri)
 
 
 def pilot_folder(root: Path, counts: dict[str, int], seed: int = 5000) -> Path:
@@ -81,7 +81,7 @@ def rollout_flow(tmp_path, params, raw, uri) -> dict:
         rollout.promote(params, "production", None, "no evidence yet")
 
     pilot = pilot_folder(tmp_path, {"crack": 4, "ok": 2, "scratch": 2})
-    evidence = rollout.pilot_eval(params, pilot, by="line-3")
+    evidence = pilot_line.pilot_eval(params, pilot, by="line-3")
     assert evidence["images"] == 8 and evidence["production_version"] == ""
     tags = c.get_model_version(name, "1").tags
     assert tags["pilot_eval.images"] == "8" and tags["pilot_eval.by"] == "line-3"
@@ -96,7 +96,7 @@ def rollout_flow(tmp_path, params, raw, uri) -> dict:
     assert second["version"] == "2" and registry.aliases_of(c, name)["candidate"] == "2"
     rollout.promote(params, "pilot", "2", "try the new export")
     # evidence of version 2 that compared it with production (version 1) on the same images
-    evidence = rollout.pilot_eval(params, pilot)
+    evidence = pilot_line.pilot_eval(params, pilot)
     assert evidence["production_version"] == "1" and "production_accuracy" in evidence
     assert evidence["only_pilot_right"] + evidence["only_production_right"] >= 0
     rollout.promote(params, "production", None, "v2 is as good on the line")
@@ -180,7 +180,7 @@ def test_bundle_of_production_verifies_and_runs_with_predict(tmp_path, train_pro
     c = client(uri)
     assert registry.aliases_of(c, "synermix") == {"candidate": "1", "pilot": "1"}
     pilot = pilot_folder(tmp_path, {"crack": 4, "ok": 2, "scratch": 2})
-    rollout.pilot_eval(params, pilot)
+    pilot_line.pilot_eval(params, pilot)
     rollout.promote(params, "production", None, "first release")
 
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
@@ -243,12 +243,11 @@ def fake_registry(tmp_path, monkeypatch):
     params = parse_params({"mlflow": {"experiment": "fake"}, "registry": {"production_gates": PILOT_GATES}})
     c = client(uri)
     registry.ensure_model(c, "synermix")
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("fake")
+    experiment = experiment_id(c, params.mlflow)
     (tmp_path / "weights.txt").write_text("not a model")
 
     def add(**tags) -> str:
-        with mlflow.start_run() as run:
+        with using_store(uri), mlflow.start_run(experiment_id=experiment) as run:
             mlflow.log_artifact(str(tmp_path / "weights.txt"), artifact_path="model")
         mv = c.create_model_version("synermix", f"{run.info.artifact_uri}/model", run.info.run_id)
         for key, value in tags.items():
@@ -337,16 +336,16 @@ def test_pilot_eval_refuses_unlabelled_or_unknown_folders(tmp_path):
     names = ["crack", "ok"]
     (tmp_path / "line" / "crack").mkdir(parents=True)
     noise_image(1).save(tmp_path / "line" / "crack" / "a.png")
-    assert rollout.labelled_images(tmp_path / "line", names) == [(tmp_path / "line/crack/a.png", "crack")]
+    assert pilot_line.labelled_images(tmp_path / "line", names) == [(tmp_path / "line/crack/a.png", "crack")]
     noise_image(2).save(tmp_path / "line" / "loose.png")
     with pytest.raises(UserError, match="carry no label"):
-        rollout.labelled_images(tmp_path / "line", names)
+        pilot_line.labelled_images(tmp_path / "line", names)
     (tmp_path / "line" / "loose.png").unlink()
     (tmp_path / "line" / "dent").mkdir()
     with pytest.raises(UserError, match="dent are not classes of this model"):
-        rollout.labelled_images(tmp_path / "line", names)
+        pilot_line.labelled_images(tmp_path / "line", names)
     with pytest.raises(UserError, match="no such folder"):
-        rollout.labelled_images(tmp_path / "missing", names)
+        pilot_line.labelled_images(tmp_path / "missing", names)
 
 
 # --------------------------------------------------------------------------- pure policy
@@ -400,7 +399,7 @@ def test_production_checks(overrides, current, failing):
     from datetime import UTC, datetime
 
     gates = parse_params({}).registry.production_gates
-    results = rollout.production_checks(
+    results = production_checks(
         production_tags(**overrides), gates, "5", current, now=datetime(2026, 11, 28, tzinfo=UTC)
     )
     assert {r.gate for r in results if r.passed is False} == failing
@@ -409,7 +408,7 @@ def test_production_checks(overrides, current, failing):
 def test_production_checks_without_evidence():
     gates = parse_params({}).registry.production_gates
     tags = {"gates_passed": "true", "held.pilot": "true"}
-    results = rollout.production_checks(tags, gates, "2", "1")
+    results = production_checks(tags, gates, "2", "1")
     assert [r.gate for r in results if r.passed is False] == ["pilot_evidence"]
 
 

@@ -330,16 +330,18 @@ def test_follows_a_registry_alias(bundles, tmp_path, monkeypatch):
     swapped in."""
     import mlflow
     import onnx
-    from mlflow.tracking import MlflowClient
+
+    from synermix.config import MlflowParams
+    from synermix.tracking import client as mlflow_client
+    from synermix.tracking import experiment_id, using_store
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.chdir(tmp_path)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("serve-test")
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
+    experiment = experiment_id(client, MlflowParams(tracking_uri=uri, experiment="serve-test"))
     client.create_registered_model("line")
     for key in ("a", "b"):
-        with mlflow.start_run() as run:
+        with using_store(uri), mlflow.start_run(experiment_id=experiment) as run:
             info = mlflow.onnx.log_model(
                 onnx.load(str(bundles[key] / "model.onnx")), name="model", save_as_external_data=False
             )

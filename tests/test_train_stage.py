@@ -6,8 +6,11 @@ import pandas as pd
 import pytest
 import torch
 
+from synermix import tracking
 from synermix.errors import CheckFailed
-from synermix.stages import MODEL_DIR, TRAIN_CHECKPOINT, TRAIN_HISTORY, TRAIN_METRICS, run_prepare, run_train
+from synermix.paths import MODEL_DIR, TRAIN_CHECKPOINT, TRAIN_HISTORY, TRAIN_METRICS
+from synermix.stages.prepare import run_prepare
+from synermix.stages.train import run_train
 from synermix.training import load_trained_model
 
 
@@ -24,7 +27,6 @@ def stage_params(tmp_path, make_dataset, make_params, monkeypatch):
 
 
 def test_train_stage_writes_model_reports_and_mlflow_run(tmp_path, stage_params):
-    import mlflow
 
     run_prepare(stage_params, tmp_path)
     metrics = run_train(stage_params, tmp_path)
@@ -43,11 +45,10 @@ def test_train_stage_writes_model_reports_and_mlflow_run(tmp_path, stage_params)
     assert saved == metrics and saved["epochs"] == 2 and 0 <= saved["val_accuracy"] <= 1
     assert (tmp_path / TRAIN_CHECKPOINT).is_file()
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run = mlflow.get_run(meta["mlflow_run_id"])
+    client = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(meta["mlflow_run_id"])
     assert run.data.params["train.method"] == "synermix" and run.data.params["train.beta"] == "0.3"
     assert run.data.tags["weights_sha256"] == meta["weights_sha256"]
-    client = mlflow.MlflowClient()
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
     assert artifacts == {"model/weights.pt", "model/model.json"}
@@ -99,7 +100,6 @@ def test_cli_has_every_stage():
 def test_bad_training_input_stops_before_anything_is_written(
     tmp_path, stage_params, make_params, train, message
 ):
-    import mlflow
 
     from synermix.errors import UserError
 
@@ -114,17 +114,15 @@ def test_bad_training_input_stops_before_anything_is_written(
     assert caught.value.exit_code == 2 and "\n" not in str(caught.value)
     assert not (tmp_path / MODEL_DIR).exists() and not (tmp_path / TRAIN_CHECKPOINT).exists()
     assert not (tmp_path / TRAIN_METRICS).exists()
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    experiment = mlflow.get_experiment_by_name("stage-test")
+    client = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("stage-test")
     # prepare's run may exist; no train run was started
-    runs = [] if experiment is None else mlflow.search_runs([experiment.experiment_id], output_format="list")
+    runs = [] if experiment is None else client.search_runs([experiment.experiment_id])
     assert [r.info.run_name for r in runs if r.info.run_name == "train"] == []
 
 
 def test_warm_start_from_a_state_dict_is_recorded(tmp_path, stage_params, make_params):
     import hashlib
-
-    import mlflow
 
     run_prepare(stage_params, tmp_path)
     run_train(stage_params, tmp_path)
@@ -145,7 +143,6 @@ def test_warm_start_from_a_state_dict_is_recorded(tmp_path, stage_params, make_p
     run_train(params, tmp_path)
     _, meta = load_trained_model(tmp_path / MODEL_DIR)
     assert meta["init"]["kind"] == "file" and meta["init"]["sha256"] == sha
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run = mlflow.get_run(meta["mlflow_run_id"])
+    run = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(meta["mlflow_run_id"])
     assert run.data.tags["init_sha256"] == sha and run.data.params["init.kind"] == "file"
     assert run.data.params["train.backbone_lr_scale"] == "0.1"

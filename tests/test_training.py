@@ -56,11 +56,17 @@ def test_short_run_on_real_images_learns(prepared):
         sampling="shuffle",
         beta=0.1,
         mixup_alpha=1.0,
+        select_metric="val_accuracy",
     )
     result = train_model(train, val, prepared, ["mono", "poly"], params, seed=1)
     history = result.history
     assert len(history) == 5 and all(math.isfinite(r["train_loss"]) for r in history)
-    assert history[-1]["val_accuracy"] >= 0.8, [r["val_accuracy"] for r in history]
+    # the val split is small (one image moves accuracy by 2.5 points) and the float sums of
+    # another thread count wobble single epochs, so judge the kept (val-best) epoch, and
+    # check that it is the one kept
+    accuracies = [r["val_accuracy"] for r in history]
+    assert max(accuracies) >= 0.8, accuracies
+    assert result.selected_epoch == accuracies.index(max(accuracies)) + 1 and params.keep == "best"
     seen = InspectionImages(train, prepared, ["mono", "poly"], result.preprocessing, 32, 1)
     fit = evaluate(result.model, DataLoader(seen, batch_size=64), select_device("cpu"), 2)
     assert fit["accuracy"] >= 0.8, fit

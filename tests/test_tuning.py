@@ -18,22 +18,15 @@ import yaml
 from optuna.trial import TrialState, create_trial
 from PIL import Image
 
+from synermix import tracking
 from synermix.config import Params, parse_params
 from synermix.engine import TrainingDiverged, load_checkpoint
 from synermix.errors import CheckFailed, UserError
-from synermix.stages import (
-    BEST_PARAMS,
-    MODEL_DIR,
-    TUNE_METRICS,
-    TUNE_PLOTS_DIR,
-    TUNE_REPORT,
-    TUNE_STATE_DIR,
-    apply_tuned,
-    run_prepare,
-    run_train,
-    run_tune,
-    run_validate,
-)
+from synermix.paths import BEST_PARAMS, MODEL_DIR, TUNE_METRICS, TUNE_PLOTS_DIR, TUNE_REPORT, TUNE_STATE_DIR
+from synermix.stages.prepare import run_prepare
+from synermix.stages.train import apply_tuned, run_train
+from synermix.stages.tune import run_tune
+from synermix.stages.validate import run_validate
 from synermix.training import load_trained_model
 from synermix.tuning import (
     ATTR_FAIL_REASON,
@@ -362,7 +355,6 @@ def test_same_seed_gives_the_same_trials_and_pruning_prunes(tmp_path, monkeypatc
 
 
 def test_tune_writes_best_params_that_train_uses_and_logs_every_trial(project):
-    import mlflow
 
     root, photos = project
     params = tune_params(photos, rerun_top_k=0)  # today's choice: the single best trial
@@ -398,8 +390,7 @@ def test_tune_writes_best_params_that_train_uses_and_logs_every_trial(project):
     _, meta = load_trained_model(root / MODEL_DIR)
     assert meta["beta"] == best["params"]["beta"] and meta["tuned"]["study"] == best["study"]
 
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    client = mlflow.MlflowClient()
+    client = tracking.client(f"sqlite:///{root / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("tune-test").experiment_id
     parents = client.search_runs([experiment], "tags.synermix_role = 'tune'")
     assert len(parents) == 1
@@ -426,7 +417,6 @@ def test_tune_writes_best_params_that_train_uses_and_logs_every_trial(project):
 
 
 def test_tune_reruns_the_top_trials_and_reports_the_seed_spread(project, monkeypatch):
-    import mlflow
 
     from synermix import tuning
 
@@ -488,8 +478,7 @@ def test_tune_reruns_the_top_trials_and_reports_the_seed_spread(project, monkeyp
     assert f"| trial | beta | lr | seed {params.seed} (trial) | seed {seeds[0]} | seed {seeds[1]} |" in report
     assert f"| **{chosen}** (chosen) |" in report
 
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    client = mlflow.MlflowClient()
+    client = tracking.client(f"sqlite:///{root / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("tune-test").experiment_id
     (parent,) = client.search_runs([experiment], "tags.synermix_role = 'tune'")
     assert parent.data.metrics["seed_spread"] == pytest.approx(pooled, abs=1e-5)

@@ -11,14 +11,9 @@ from PIL import Image
 
 from synermix.data.manifest import read_manifest, read_quarantine, usable_rows
 from synermix.errors import CheckFailed, UserError
-from synermix.stages import (
-    PREPARED_DIR,
-    QUARANTINE_CSV,
-    VALIDATION_JSON,
-    VALIDATION_MD,
-    run_prepare,
-    run_validate,
-)
+from synermix.paths import PREPARED_DIR, QUARANTINE_CSV, VALIDATION_JSON, VALIDATION_MD
+from synermix.stages.prepare import run_prepare
+from synermix.stages.validate import run_validate
 
 from .conftest import huge_png_header, noise_image, png_bytes
 

@@ -570,36 +570,3 @@ def render_model_card(
         ],
     )
     return "\n".join(lines).rstrip("\n") + "\n"
-
-
-# --- finding the model a command should run --------------------------------------------------
-
-
-def model_file(spec: str, tmp: Path, tracking_uri: str | None = None) -> Path:
-    """The ONNX file behind ``spec``: an .onnx file, a bundle folder (verified first), or a
-    registered version ``models:/<name>@<alias>`` / ``models:/<name>/<version>``, which is
-    downloaded into ``tmp`` (MLflow is imported only then: a line machine may not have it)."""
-    if spec.startswith("models:/"):
-        from mlflow.artifacts import download_artifacts
-        from mlflow.exceptions import MlflowException
-
-        from synermix.tracking import quiet_mlflow_logs
-
-        quiet_mlflow_logs()
-        try:
-            folder = Path(download_artifacts(artifact_uri=spec, dst_path=str(tmp), tracking_uri=tracking_uri))
-        except MlflowException as exc:
-            raise UserError(f"{spec}: cannot fetch it from MLflow ({exc.message})") from None
-        if not (folder / MODEL_FILE).is_file():
-            raise UserError(f"{spec} has no model.onnx: only versions from the register stage run here")
-        return folder / MODEL_FILE
-    path = Path(spec)
-    if path.is_dir():
-        if not is_bundle(path):
-            raise UserError(
-                f"{path}: a folder but not a bundle (no SHA256SUMS + model.onnx); see synermix bundle"
-            )
-        return verify_bundle(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no ONNX model there; run the export stage (dvc repro) or pass --model")
-    return path

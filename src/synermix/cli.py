@@ -218,9 +218,9 @@ def _rollout(args: argparse.Namespace, params) -> int:
 
     from mlflow.exceptions import MlflowException
 
-    from synermix import rollout
+    from synermix import pilot, rollout
     from synermix.errors import UserError
-    from synermix.tracking import tracking_uri
+    from synermix.tracking import redact_uri, tracking_uri
 
     try:
         if args.command == "promote":
@@ -233,10 +233,10 @@ def _rollout(args: argparse.Namespace, params) -> int:
             result = rollout.rollback(params, args.alias, args.reason, args.by)
             _say(f"{params.registry.model_name}@{args.alias}: version {result['from']} -> {result['to']}")
         elif args.command == "pilot-eval":
-            result = rollout.pilot_eval(
+            result = pilot.pilot_eval(
                 params, args.images, args.version, args.by, args.batch_size, args.provider
             )
-            _say(json.dumps(result, indent=2, default=str) if args.json else rollout.format_pilot(result))
+            _say(json.dumps(result, indent=2, default=str) if args.json else pilot.format_pilot(result))
         elif args.command == "status":
             report = rollout.status(params, args.history)
             _say(json.dumps(report, indent=2) if args.json else rollout.format_status(report))
@@ -246,7 +246,7 @@ def _rollout(args: argparse.Namespace, params) -> int:
             _say(f"bundle written to {args.out}")
     except MlflowException as exc:
         raise UserError(
-            f"MLflow at {rollout._redact(tracking_uri(params.mlflow))} refused: {exc.message}; check "
+            f"MLflow at {redact_uri(tracking_uri(params.mlflow))} refused: {exc.message}; check "
             "MLFLOW_TRACKING_URI / mlflow.tracking_uri and registry.model_name"
         ) from None
     return 0
@@ -278,10 +278,10 @@ def _predict(args: argparse.Namespace) -> int:
     if missing:
         raise UserError(f"no such file or folder: {', '.join(missing)}")
     with tempfile.TemporaryDirectory() as tmp:
-        from synermix.bundle import model_file
+        from synermix.model_source import is_registry, model_file
 
         uri = None
-        if args.model.startswith("models:/"):  # only a registry lookup needs the params file
+        if is_registry(args.model):  # only a registry lookup needs the params file
             path = Path(args.params)
             uri = _store_uri(load_params(path) if path.is_file() else None)
         return _predict_with(args, model_file(args.model, Path(tmp), uri))
@@ -357,31 +357,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         dumped = params.model_dump(mode="json", by_alias=True)
         print(yaml.safe_dump(dumped, sort_keys=False), end="")
     elif args.command == "prepare":
-        from synermix.stages import run_prepare
+        from synermix.stages.prepare import run_prepare
 
         run_prepare(params)
     elif args.command == "validate":
-        from synermix.stages import run_validate
+        from synermix.stages.validate import run_validate
 
         run_validate(params)
-    elif args.command == "tune":
-        from synermix.stages import run_tune
+    elif args.command == "tune" and args.worker:
+        from synermix.stages.tune import run_tune_worker
 
-        run_tune(params, worker=args.worker, wait_seconds=args.wait)
+        run_tune_worker(params, wait_seconds=args.wait)
+    elif args.command == "tune":
+        from synermix.stages.tune import run_tune
+
+        run_tune(params)
     elif args.command == "train":
-        from synermix.stages import run_train
+        from synermix.stages.train import run_train
 
         run_train(params)
     elif args.command == "evaluate":
-        from synermix.stages import run_evaluate
+        from synermix.stages.evaluate import run_evaluate
 
         run_evaluate(params)
     elif args.command == "export":
-        from synermix.stages import run_export
+        from synermix.stages.export import run_export
 
         run_export(params)
     elif args.command == "register":
-        from synermix.stages import run_register
+        from synermix.stages.register import run_register
 
         run_register(params)
     return 0

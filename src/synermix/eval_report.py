@@ -17,11 +17,13 @@ import pandas as pd
 
 from synermix.gates import GateResult
 from synermix.metrics import project_2d
+from synermix.paths import EVAL_FIGURES, EVAL_TABLES
 
-PREDICTIONS_CSV = "predictions.csv"
-PER_CLASS_CSV = "per_class.csv"
-CALIBRATION_CSV = "calibration.csv"
-FIGURES = ("confusion.png", "per_class.png", "calibration.png", "features_2d.png")
+# the file names of the evaluate stage's tables and figures (their paths: synermix.paths)
+PREDICTIONS_CSV = EVAL_TABLES["predictions"].name
+PER_CLASS_CSV = EVAL_TABLES["per_class"].name
+CALIBRATION_CSV = EVAL_TABLES["calibration"].name
+FIGURES = tuple(path.name for path in EVAL_FIGURES.values())
 
 
 def per_class_table(report: Mapping[str, Any]) -> pd.DataFrame:
@@ -71,7 +73,7 @@ def write_figures(
     ax.set_xticks(range(k), class_names, rotation=30, ha="right")
     ax.set_yticks(range(k), class_names)
     ax.set(xlabel="predicted", ylabel="actual", title="confusion matrix (test)")
-    written.append(_save(fig, out_dir / "confusion.png"))
+    written.append(_save(fig, out_dir / EVAL_FIGURES["confusion"].name))
 
     table = per_class_table(report)
     fig, ax = plt.subplots(figsize=(7, 1.5 + 0.6 * k))
@@ -81,7 +83,7 @@ def write_figures(
     ax.set_yticks(y, class_names)
     ax.set(xlim=(0, 1), xlabel="score", title="per-class scores (test)")
     ax.legend(loc="lower right")
-    written.append(_save(fig, out_dir / "per_class.png"))
+    written.append(_save(fig, out_dir / EVAL_FIGURES["per_class"].name))
 
     fig, ax = plt.subplots(figsize=(5, 5))
     bins = pd.DataFrame(report["calibration"])
@@ -92,7 +94,7 @@ def write_figures(
     title = "reliability (test)" + (f", ECE {ece:.3f}" if ece is not None and not math.isnan(ece) else "")
     ax.set(xlabel="mean confidence in bin", ylabel="accuracy in bin", xlim=(0, 1), ylim=(0, 1), title=title)
     ax.legend(loc="upper left")
-    written.append(_save(fig, out_dir / "calibration.png"))
+    written.append(_save(fig, out_dir / EVAL_FIGURES["calibration"].name))
 
     fig, ax = plt.subplots(figsize=(6.5, 5))
     if len(features) >= 2:
@@ -104,7 +106,7 @@ def write_figures(
         ax.set(xlabel=f"PC 1 ({share[0]:.0%} of variance)", ylabel=f"PC 2 ({share[1]:.0%})")
         ax.legend(title="class (x: misclassified)", fontsize="small")
     ax.set_title("penultimate features of the test images (PCA)")
-    written.append(_save(fig, out_dir / "features_2d.png"))
+    written.append(_save(fig, out_dir / EVAL_FIGURES["features_2d"].name))
     plt.close("all")
     return written
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from typing import Any
 
-from synermix.config import GateParams
+from synermix import model_tags
+from synermix.config import GateParams, ProductionGates
 
 #: (params key, metric in the report, direction, what it measures)
 THRESHOLD_GATES = (
@@ -149,3 +151,133 @@ def format_table(results: Sequence[GateResult]) -> str:
         "  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1]
         for row in rows
     )
+
+
+def production_checks(
+    tags: Mapping[str, str],
+    gates: ProductionGates,
+    version: str,
+    current_production: str | None,
+    now: datetime | None = None,
+) -> list[GateResult]:
+    """The checks ``promote production`` applies to a version's tags (pure).
+
+    The version must have passed its release gates and held ``pilot``; its latest pilot
+    evaluation (``pilot_eval.*`` tags, :mod:`synermix.model_tags`) must cover
+    ``min_images`` images, be younger than ``max_evidence_age_days``, meet the minimum
+    accuracy / recall, and, when another version holds production, score no more than
+    ``max_drop`` below it on the same images (so the comparison must have been made
+    against today's production version).
+    """
+
+    def flag(gate: str, ok: bool, about: str, note: str = "") -> GateResult:
+        return GateResult(
+            gate=gate, metric="", rule="", threshold=None, observed=None, passed=ok, about=about, note=note
+        )
+
+    def at_least(
+        gate: str, metric: str, threshold: float | None, observed: float | None, **text
+    ) -> GateResult:
+        ok = None if threshold is None else observed is not None and observed >= threshold
+        return GateResult(
+            gate=gate, metric=metric, rule=">=", threshold=threshold, observed=observed, passed=ok, **text
+        )
+
+    held_pilot = tags.get(model_tags.held("pilot"))
+    results = [
+        flag("release_gates", model_tags.gates_passed(tags), "passed its release gates at registration"),
+        flag("held_pilot", held_pilot == "true", "held @pilot", "" if held_pilot else "never did"),
+    ]
+    images = model_tags.pilot_number(tags, "images")
+    if images is None:
+        results.append(
+            flag("pilot_evidence", False, "pilot-line evaluation recorded", "none: run synermix pilot-eval")
+        )
+        return results
+    results.append(
+        at_least(
+            "min_images",
+            "pilot images",
+            float(gates.min_images),
+            images,
+            about="labelled pilot images scored",
+        )
+    )
+    if gates.max_evidence_age_days is not None:
+        at = tags.get(model_tags.pilot("at"), "")
+        try:
+            age = (now or datetime.now(UTC)) - datetime.strptime(at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+            days = age.total_seconds() / 86400
+        except ValueError:
+            days = math.inf
+        results.append(
+            GateResult(
+                gate="evidence_age_days",
+                metric="age (days)",
+                rule="<=",
+                threshold=gates.max_evidence_age_days,
+                observed=days,
+                passed=days <= gates.max_evidence_age_days,
+                about="pilot evaluation is recent",
+                note=at,
+            )
+        )
+    for gate, metric in (
+        ("min_accuracy", "accuracy"),
+        ("min_macro_recall", "macro_recall"),
+        ("min_class_recall", "recall_min"),
+    ):
+        threshold = getattr(gates, gate)
+        if threshold is None:
+            continue
+        observed = model_tags.pilot_number(tags, metric)
+        results.append(at_least(f"pilot_{gate}", metric, threshold, observed, about=f"pilot-line {metric}"))
+    if not current_production or current_production == str(version):
+        note = "this version holds production already" if current_production else "no production version yet"
+        results.append(
+            GateResult(
+                gate="no_regression",
+                metric="",
+                rule="",
+                threshold=None,
+                observed=None,
+                passed=None,
+                about="no drop against production",
+                note=note,
+            )
+        )
+        return results
+    compared = tags.get(model_tags.pilot("production_version"), "")
+    if compared != current_production:
+        note = (
+            f"pilot-eval compared with version {compared or 'none'}, production is now {current_production}: "
+            "rerun synermix pilot-eval"
+        )
+        results.append(flag("no_regression", False, "no drop against production", note))
+        return results
+    for metric, drop in gates.max_drop.items():
+        reference = model_tags.pilot_number(tags, f"production_{metric}")
+        observed = model_tags.pilot_number(tags, metric)
+        if reference is None:
+            results.append(
+                at_least(
+                    f"no_regression_{metric}",
+                    metric,
+                    None,
+                    observed,
+                    about="no drop against production",
+                    note="production could not be scored",
+                )
+            )
+            continue
+        results.append(
+            at_least(
+                f"no_regression_{metric}",
+                metric,
+                reference - drop,
+                observed,
+                about=f"at most {drop:g} below production v{current_production}",
+                note=f"production {reference:.4f}",
+            )
+        )
+    return results

@@ -208,23 +208,21 @@ def _from_registry(spec: str, target: _Target, tracking_uri: str | None) -> Init
     name, alias, version = _parse_registry_spec(spec)
     import mlflow
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
     from synermix import registry
-    from synermix.tracking import quiet_mlflow_logs
+    from synermix.tracking import client
 
-    quiet_mlflow_logs()
     uri = tracking_uri or mlflow.get_tracking_uri()
     _check_store_exists(spec, uri)
     listing = "`synermix status` lists the versions and aliases"
     try:
-        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        if registry.get_model(client, name) is None:
+        store = client(uri)
+        if registry.get_model(store, name) is None:
             raise UserError(
                 f"train.init {spec}: no registered model '{name}' in {redact_uri(uri)}; {listing}"
             )
         if alias is not None:
-            aliases = registry.aliases_of(client, name)
+            aliases = registry.aliases_of(store, name)
             if alias not in aliases:
                 held = ", ".join(f"@{a} (version {v})" for a, v in sorted(aliases.items())) or "none"
                 raise UserError(
@@ -232,11 +230,11 @@ def _from_registry(spec: str, target: _Target, tracking_uri: str | None) -> Init
                 )
             version = aliases[alias]
         try:
-            mv = registry.get_version(client, name, str(version))
+            mv = registry.get_version(store, name, str(version))
         except UserError as exc:
             raise UserError(f"train.init {spec}: {exc}; {listing}") from None
         with tempfile.TemporaryDirectory(prefix="synermix-init-") as tmp:
-            weights_path, meta_path = _download_version_files(client, mv, Path(tmp), spec)
+            weights_path, meta_path = _download_version_files(store, mv, Path(tmp), spec)
             meta = _read_meta(meta_path)
             sha = _sha256(weights_path)
             _check_registered(spec, mv, meta, sha, target)
@@ -260,13 +258,11 @@ def _from_registry(spec: str, target: _Target, tracking_uri: str | None) -> Init
 # --------------------------------------------------------------------------- registry helpers
 def _parse_registry_spec(spec: str) -> tuple[str, str | None, str | None]:
     """``models:/name@alias`` -> (name, alias, None); ``models:/name/3`` -> (name, None, "3")."""
-    rest = spec[len(REGISTRY_SCHEME) :]
-    name, at, alias = rest.partition("@")
-    if at and name and alias and "/" not in alias:
-        return name, alias, None
-    name, slash, version = rest.rpartition("/")
-    if slash and name and version.isdigit():
-        return name, None, version
+    from synermix.model_source import parse_registry
+
+    parsed = parse_registry(spec)
+    if parsed is not None:
+        return parsed.name, parsed.alias, parsed.version
     raise UserError(
         f"train.init {spec}: expected models:/<name>@<alias> or models:/<name>/<version number>, "
         "e.g. models:/synermix@production"

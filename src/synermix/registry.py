@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from synermix import model_tags
 from synermix.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -258,7 +259,7 @@ def move_alias(
         client.set_registered_model_tag(name, key, json.dumps(move.to_dict(), sort_keys=True))
         for field in ("at", "by", "reason", "previous", "action"):
             client.set_model_version_tag(name, str(version), f"alias.{alias}.{field}", getattr(move, field))
-        client.set_model_version_tag(name, str(version), f"held.{alias}", "true")
+        client.set_model_version_tag(name, str(version), model_tags.held(alias), "true")
         if previous:
             client.set_model_version_tag(name, previous, f"alias.{alias}.removed_at", move.at)
             client.set_model_version_tag(name, previous, f"alias.{alias}.replaced_by", str(version))

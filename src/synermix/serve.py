@@ -48,6 +48,7 @@ from fastapi import Request
 
 from synermix.errors import UserError
 from synermix.inference import DEFAULT_MAX_PIXELS, BadImage, Classifier
+from synermix.model_source import fingerprint, is_registry, model_file, registry_about
 
 log = logging.getLogger(__name__)
 
@@ -159,40 +160,10 @@ class LoadedModel:
             self.tmp.cleanup()
 
 
-def _split_alias(spec: str) -> tuple[str, str] | None:
-    rest = spec.removeprefix("models:/")
-    if "@" in rest:
-        name, alias = rest.split("@", 1)
-        return name, alias
-    return None
-
-
-def fingerprint(spec: str, tracking_uri: str | None = None) -> str:
-    """A cheap value that changes when the model behind ``spec`` changes."""
-    if spec.startswith("models:/"):
-        split = _split_alias(spec)
-        if split is None:  # a fixed version never changes
-            return spec
-        from mlflow.tracking import MlflowClient
-
-        from synermix import registry
-
-        version = registry.aliases_of(MlflowClient(tracking_uri), split[0]).get(split[1])
-        return f"{spec}={version}"
-    path = Path(spec)
-    sums = path / "SHA256SUMS"
-    if sums.is_file():
-        return hashlib.sha256(sums.read_bytes()).hexdigest()
-    stat = path.stat()
-    return f"{stat.st_size}:{stat.st_mtime_ns}"
-
-
 def load_model(spec: str, settings: ServeSettings, on_batch=None) -> LoadedModel:
     """Load (verify, download) the model behind ``spec``; UserError when it cannot serve."""
-    from synermix.bundle import model_file
-
     before = fingerprint(spec, settings.tracking_uri)
-    tmp = tempfile.TemporaryDirectory(prefix="synermix-serve-") if spec.startswith("models:/") else None
+    tmp = tempfile.TemporaryDirectory(prefix="synermix-serve-") if is_registry(spec) else None
     try:
         path = model_file(spec, Path(tmp.name) if tmp else Path("."), settings.tracking_uri)
         try:
@@ -218,22 +189,11 @@ def load_model(spec: str, settings: ServeSettings, on_batch=None) -> LoadedModel
         "training_run_id": extra.get("training_run_id", ""),
         "weights_sha256": extra.get("weights_sha256", ""),
         "loaded_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        **_registry_about(spec, before),
+        **registry_about(spec, before),
     }
     log.info("loaded %s (%s) on %s", spec, about.get("version") or about["sha256"][:12], classifier.provider)
     batcher = MicroBatcher(classifier, settings.max_batch, on_batch)
     return LoadedModel(spec, classifier, batcher, before, about, tmp)
-
-
-def _registry_about(spec: str, fingerprint_value: str) -> dict[str, str]:
-    """Name, version and alias for a registered model (from the spec and its fingerprint)."""
-    if not spec.startswith("models:/"):
-        return {}
-    split = _split_alias(spec)
-    if split is not None:
-        return {"name": split[0], "alias": split[1], "version": fingerprint_value.rsplit("=", 1)[1]}
-    name, _, version = spec.removeprefix("models:/").partition("/")
-    return {"name": name, "version": version}
 
 
 class ModelSlot:

@@ -2,7 +2,10 @@
 
 The tracking URI comes from ``MLFLOW_TRACKING_URI`` when set, else ``mlflow.tracking_uri``
 in params.yaml (default: a SQLite file in the project root; MLflow 3.17 refuses the old
-file store).
+file store). This module is the only one that builds an MLflow client
+(:func:`client`, :func:`client_for`) or sets MLflow's process-global tracking URI
+(:func:`using_store`, for the fluent ``mlflow.log_*`` calls inside :func:`mlflow_run`; it
+puts the previous value back afterwards, so nothing leaks into the next stage or test).
 
 Lineage: each ``dvc repro`` leaves one *pipeline* run (run name ``dvc repro``, tag
 ``synermix_role=pipeline``) holding every param, params.yaml, dvc.yaml and dvc.lock, with
@@ -26,6 +29,7 @@ from typing import Any
 
 from synermix import lineage
 from synermix.config import MlflowParams, Params
+from synermix.paths import DVC_LOCK, DVC_YAML, MANIFEST, PARAMS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,46 @@ def redact_uri(uri: str) -> str:
 
 def tracking_uri(params: MlflowParams) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or params.tracking_uri
+
+
+def client(uri: str | None) -> Any:
+    """The MLflow client on the store at ``uri`` (its model registry too, unless
+    ``MLFLOW_REGISTRY_URI`` names another one): the one place a client is built. None:
+    the store MLflow itself would pick (MLFLOW_TRACKING_URI, else its default)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    quiet_mlflow_logs()
+    uri = uri or mlflow.get_tracking_uri()
+    return MlflowClient(tracking_uri=uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+
+
+def client_for(params: Params) -> Any:
+    """The MLflow client on the configured store (MLFLOW_TRACKING_URI overrides params)."""
+    return client(tracking_uri(params.mlflow))
+
+
+@contextmanager
+def using_store(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (``mlflow.start_run``, ``mlflow.log_*``, ``mlflow.onnx.log_model``)
+    on the store at ``uri`` for the block; the previous setting (usually none) is put back
+    after it. The only place the process-global tracking URI is set.
+
+    ``mlflow.set_tracking_uri`` also writes (or, given None, deletes) the
+    MLFLOW_TRACKING_URI environment variable; both are restored as they were."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    before, before_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
+        if before_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before_env
 
 
 def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -80,8 +124,6 @@ def quiet_mlflow_logs() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
-#: where the manifest lives once prepare has run (its sha256 goes on every run)
-MANIFEST = Path("data/prepared/manifest.csv")
 PIPELINE_ROLE = "pipeline"
 
 
@@ -116,7 +158,7 @@ class PipelineLineage:
             self.client.delete_run(mine)
             return winner
         self._log_params(mine, params)
-        for name in ("params.yaml", "dvc.yaml"):
+        for name in (PARAMS_FILE, DVC_YAML):
             if (self.root / name).is_file():
                 self.client.log_artifact(mine, str(self.root / name), artifact_path="pipeline")
         log.info("pipeline run %s for this dvc repro", mine)
@@ -151,8 +193,8 @@ class PipelineLineage:
         self.client.set_tag(self.parent, f"run.{self.stage}", run_id)
         for name, value in self.locks.items():
             self.client.set_tag(self.parent, f"dvc_lock.{name}", value)
-        if (self.root / "dvc.lock").is_file():  # as left by the stages before this one
-            self.client.log_artifact(self.parent, str(self.root / "dvc.lock"), artifact_path="pipeline")
+        if (self.root / DVC_LOCK).is_file():  # as left by the stages before this one
+            self.client.log_artifact(self.parent, str(self.root / DVC_LOCK), artifact_path="pipeline")
 
     def finish(self, run_id: str, failed: bool) -> None:
         """Stamp the manifest (prepare writes it) and close the pipeline run with this
@@ -182,13 +224,17 @@ def mlflow_run(
     """
     import mlflow
 
-    quiet_mlflow_logs()
     uri = tracking_uri(params.mlflow)
-    mlflow.set_tracking_uri(uri)
-    experiment = mlflow.set_experiment(params.mlflow.experiment).experiment_id
-    place = PipelineLineage(mlflow.MlflowClient(uri), experiment, params, stage, root)
-    with mlflow.start_run(run_name=stage, tags={**place.tags(), **(tags or {})}) as run:
-        log.info("MLflow run %s in %s", run.info.run_id, uri)
+    store = client(uri)
+    experiment = experiment_id(store, params.mlflow)
+    place = PipelineLineage(store, experiment, params, stage, root)
+    with (
+        using_store(uri),
+        mlflow.start_run(
+            experiment_id=experiment, run_name=stage, tags={**place.tags(), **(tags or {})}
+        ) as run,
+    ):
+        log.info("MLflow run %s in %s", run.info.run_id, redact_uri(uri))
         place.attach(run.info.run_id)
         with stage_outcome(place, run.info.run_id):
             yield run
@@ -206,13 +252,29 @@ def stage_outcome(place: PipelineLineage | None, run_id: str | None) -> Iterator
             place.finish(run_id, failed)
 
 
-def experiment_id(params: MlflowParams) -> str:
-    """The configured experiment's id in the configured store (created when missing)."""
-    import mlflow
+def experiment_id(store: Any, params: MlflowParams) -> str:
+    """The configured experiment's id in ``store`` (created when missing; two processes
+    creating it at once both get the one that won)."""
+    from mlflow.exceptions import MlflowException
 
-    quiet_mlflow_logs()
-    mlflow.set_tracking_uri(tracking_uri(params))
-    return mlflow.set_experiment(params.experiment).experiment_id
+    from synermix.errors import UserError
+
+    for _ in range(2):
+        found = store.get_experiment_by_name(params.experiment)
+        if found is not None:
+            if found.lifecycle_stage == "deleted":
+                where = redact_uri(store.tracking_uri)
+                raise UserError(
+                    f"MLflow experiment '{params.experiment}' is deleted in {where}: "
+                    "restore it (mlflow experiments restore) or set mlflow.experiment to another name"
+                )
+            return found.experiment_id
+        try:
+            return store.create_experiment(params.experiment)
+        except MlflowException as exc:
+            if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+                raise
+    return store.get_experiment_by_name(params.experiment).experiment_id
 
 
 def tune_parent_run(client: Any, experiment: str, study: str, tags: Mapping[str, str]) -> str:

@@ -17,6 +17,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from synermix.config import SearchSpace
+from synermix.paths import TUNE_TABLES
 from synermix.tuning import (
     ATTR_EPOCHS,
     ATTR_FAIL_REASON,
@@ -185,7 +186,7 @@ def write_tables(
     """``trials.csv``, ``history.csv``, ``importances.csv`` (the DVC plots) and
     ``reruns.csv`` (only its header without re-runs)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {name: out_dir / f"{name}.csv" for name in ("trials", "history", "importances", "reruns")}
+    paths = {name: out_dir / path.name for name, path in TUNE_TABLES.items()}
     shown = trials.drop(columns=["worker", "seconds"])  # host names and timings stay in MLflow
     shown.to_csv(paths["trials"], index=False, lineterminator="\n", float_format="%.6g")
     history.to_csv(paths["history"], index=False, lineterminator="\n", float_format="%.6g")

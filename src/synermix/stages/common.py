@@ -1,0 +1,106 @@
+"""The few helpers two or more stages share: the usable rows of a split, reading a
+stage's JSON, and linking the training run to the later stages' runs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import pandas as pd
+from mlflow.exceptions import MlflowException
+
+from synermix.config import Params
+from synermix.data.manifest import class_names, read_manifest, read_quarantine, usable_rows
+from synermix.errors import CheckFailed, UserError
+from synermix.paths import MANIFEST, MODEL_DIR, QUARANTINE_CSV
+from synermix.tracking import client_for
+
+log = logging.getLogger(__name__)
+
+
+def train_val_rows(params: Params, root: Path) -> tuple[list[str], pd.DataFrame, pd.DataFrame, str]:
+    """Class names, the usable train and val rows, and the manifest's sha256."""
+    manifest_path = root / MANIFEST
+    manifest = read_manifest(manifest_path)
+    usable = usable_rows(manifest, read_quarantine(root / QUARANTINE_CSV))
+    names = class_names(usable, params.data.classes)
+    undeclared = usable[~usable["label"].isin(names)]
+    if len(undeclared):
+        # only reachable with validate.rules.declared_labels at warning/off: the declared
+        # list then acts as a filter, and says so
+        log.warning(
+            "leaving out %d image(s) of class(es) not in data.classes: %s",
+            len(undeclared),
+            ", ".join(sorted(set(undeclared["label"]))),
+        )
+        usable = usable[usable["label"].isin(names)]
+    train_rows = usable[usable["split"] == "train"]
+    val_rows = usable[usable["split"] == "val"]
+    if train_rows.empty or val_rows.empty:
+        raise CheckFailed("the train or val split is empty; run prepare and validate first (dvc repro)")
+    missing = sorted(set(names) - set(train_rows["label"]))
+    if missing:
+        raise CheckFailed(
+            f"no training images for class(es) {', '.join(missing)}; add images or fix data.classes"
+        )
+    return names, train_rows, val_rows, hashlib.sha256(manifest_path.read_bytes()).hexdigest()
+
+
+def evaluation_rows(
+    root: Path, class_names: list[str], trained_on: str | None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The usable val and test rows of the classes the model knows.
+
+    Refuses a model trained on another manifest: its test images may have been in its
+    training split, and any score would flatter it.
+    """
+    manifest_path = root / MANIFEST
+    manifest = read_manifest(manifest_path)
+    current = hashlib.sha256(manifest_path.read_bytes()).hexdigest()
+    if trained_on and trained_on != current:
+        raise UserError(
+            f"{MODEL_DIR} was trained on another manifest (sha256 {trained_on[:12]}, now {current[:12]}): "
+            "its scores on this test split would not be held-out; retrain first (dvc repro)"
+        )
+    usable = usable_rows(manifest, read_quarantine(root / QUARANTINE_CSV))
+    unknown = usable[~usable["label"].isin(class_names) & usable["split"].isin(["val", "test"])]
+    if len(unknown):
+        log.warning(
+            "leaving out %d val/test image(s) of class(es) the model does not know: %s",
+            len(unknown),
+            ", ".join(sorted(set(unknown["label"]))),
+        )
+    known = usable[usable["label"].isin(class_names)]
+    val_rows, test_rows = known[known["split"] == "val"], known[known["split"] == "test"]
+    if test_rows.empty:
+        raise CheckFailed(
+            "the test split has no usable image; check data.split and rerun prepare (dvc repro)"
+        )
+    return val_rows, test_rows
+
+
+def read_json(path: Path, stage: str) -> dict:
+    """A stage's JSON output; a missing or unreadable one names the stage to rerun."""
+    if not path.is_file():
+        raise UserError(f"no {path}: run the {stage} stage first (dvc repro)")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not readable JSON ({exc}); rerun the {stage} stage (dvc repro)") from None
+
+
+def tag_training_run(params: Params, meta: dict, tags: dict[str, str]) -> None:
+    """Point the training run at a later stage's run (the registry follows these links)."""
+    train_run = meta.get("mlflow_run_id")
+    if not train_run:
+        return
+    try:
+        client = client_for(params)
+        for key, value in tags.items():
+            client.set_tag(train_run, key, value)
+    except MlflowException as exc:
+        log.warning(
+            "could not tag training run %s (%s): is MLflow the store it was trained in?", train_run, exc
+        )

@@ -1,0 +1,290 @@
+"""The evaluate stage: models/model on the test split (and val) -> the gates' verdict,
+reports/evaluation.{json,md}, the tables and figures; the champion scored beside it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import tempfile
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow.exceptions import MlflowException
+
+from synermix import eval_report, registry
+from synermix.config import Params
+from synermix.data.transforms import Preprocessing
+from synermix.errors import CheckFailed, UserError
+from synermix.evaluation import json_safe, predictions_table, scalars_only, score_model, split_report
+from synermix.gates import champion_gates, format_table, threshold_gates, verdict
+from synermix.metrics import mcnemar_exact
+from synermix.paths import (
+    EVAL_DETAILS,
+    EVAL_DIR,
+    EVAL_METRICS,
+    EVAL_REPORT,
+    MODEL_DIR,
+    MODEL_JSON,
+    PREPARED_DIR,
+)
+from synermix.stages.common import evaluation_rows, tag_training_run
+from synermix.tracking import client_for, flatten, mlflow_run, tracking_uri
+from synermix.training import load_trained_model
+
+log = logging.getLogger(__name__)
+
+
+def _champion_report(params: Params, root: Path, test_rows: pd.DataFrame, challenger) -> dict:
+    """The champion (the version holding gates.champion.alias) scored on the same test images."""
+    spec = params.gates.champion
+    name = params.registry.model_name
+    if not spec.enabled:
+        return {"note": "Champion comparison is off (gates.champion.enabled: false).", "skip": "off"}
+    uri = tracking_uri(params.mlflow)
+    client = client_for(params)
+    try:
+        found = registry.find_alias(client, name, spec.alias)
+    except MlflowException as exc:
+        raise UserError(
+            f"cannot look up the champion {name}@{spec.alias} in MLflow ({uri}): {exc.message}; "
+            "fix mlflow.tracking_uri / MLFLOW_TRACKING_URI, or set gates.champion.enabled: false"
+        ) from None
+    if found is None:
+        note = (
+            f"No champion: no version of registered model '{name}' holds the alias @{spec.alias} yet "
+            "(a first model), so the champion gates are skipped."
+        )
+        log.info(note)
+        return {"note": note, "skip": f"no version holds @{spec.alias}"}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            folder = registry.download_version(client, found.name, found.version, Path(tmp))
+        except MlflowException as exc:
+            note = (
+                f"{found.label}: its files could not be downloaded ({exc.message}); champion gates skipped."
+            )
+            log.warning(note)
+            return {"note": note, "skip": f"{found.label} cannot be downloaded"}
+        files = registry.pytorch_files(folder)
+        if files is None:
+            note = f"{found.label} has no model.json + weights.pt to score; champion gates skipped."
+            log.warning(note)
+            return {"note": note, "skip": f"{found.label} cannot be scored"}
+        try:
+            model, meta = load_trained_model(files)
+        except (KeyError, ValueError, RuntimeError, OSError) as exc:
+            note = f"{found.label}: its model files do not load here ({exc}); champion gates skipped."
+            log.warning(note)
+            return {"note": note, "skip": f"{found.label} does not load"}
+    if meta.get("manifest_sha256") != challenger["manifest_sha256"]:
+        # another manifest means another split: today's test images may be its training images
+        note = (
+            f"{found.label} was trained on another manifest (sha256 {str(meta.get('manifest_sha256'))[:12]}, "
+            f"now {challenger['manifest_sha256'][:12]}): some of today's test images may have been its "
+            "training images, so its score would be inflated; champion gates skipped."
+        )
+        log.warning(note)
+        return {"note": note, "skip": f"{found.label} trained on another split"}
+    if set(meta["class_names"]) != set(challenger["class_names"]):
+        note = (
+            f"{found.label} knows classes {', '.join(meta['class_names'])}, this model "
+            f"{', '.join(challenger['class_names'])}: not comparable, champion gates skipped."
+        )
+        log.warning(note)
+        return {"note": note, "skip": "champion has other classes"}
+    log.info("scoring the champion %s on the same %d test images", found.label, len(test_rows))
+    ev = params.evaluate
+    scores = score_model(
+        model,
+        Preprocessing.from_dict(meta["preprocessing"]),
+        test_rows,
+        root / PREPARED_DIR,
+        meta["class_names"],
+        ev.batch_size,
+        ev.device,
+        desc="score champion",
+    )
+    report = split_report(scores, meta["class_names"], ev.calibration_bins)
+    paired = mcnemar_exact(challenger["correct"], scores.correct)
+    return {
+        "label": found.label,
+        "version": found.version,
+        "alias": spec.alias,
+        "run_id": found.run_id,
+        "weights_sha256": meta.get("weights_sha256", ""),
+        "metrics": {k: report[k] for k in ("accuracy", "macro_recall", "macro_f1", "recall_min")},
+        "paired": {
+            "only_challenger_right": paired.only_a_right,
+            "only_champion_right": paired.only_b_right,
+            "p_value": paired.p_value,
+        },
+    }
+
+
+def run_evaluate(params: Params, root: Path = Path(".")) -> dict:
+    """Score models/model on the test split (and val), check the gates, write the reports.
+
+    Every report and the MLflow run are written before a failed gate stops the stage
+    (exit 1); with ``gates.enforce: false`` failures are reported, not raised.
+    """
+    if not (root / MODEL_JSON).is_file():
+        raise UserError(f"no trained model in {MODEL_DIR}; run the train stage first (dvc repro)")
+    model, meta = load_trained_model(root / MODEL_DIR)
+    names = list(meta["class_names"])
+    val_rows, test_rows = evaluation_rows(root, names, meta.get("manifest_sha256"))
+    ev = params.evaluate
+    pre = Preprocessing.from_dict(meta["preprocessing"])
+    image_root = root / PREPARED_DIR
+
+    def score(rows: pd.DataFrame, split: str):
+        return score_model(
+            model, pre, rows, image_root, names, ev.batch_size, ev.device, desc=f"score {split}"
+        )
+
+    test_scores = score(test_rows, "test")
+    test = split_report(test_scores, names, ev.calibration_bins)
+    unmeasured = [n for n, row in test["per_class"].items() if not row["support"]]
+    if unmeasured:
+        log.warning(
+            "no test image of class(es) %s: their recall is not measured and no gate covers them",
+            ", ".join(unmeasured),
+        )
+    val = split_report(score(val_rows, "val"), names, ev.calibration_bins) if len(val_rows) else None
+    champion = _champion_report(
+        params,
+        root,
+        test_rows,
+        {
+            "class_names": names,
+            "correct": test_scores.correct,
+            "manifest_sha256": meta.get("manifest_sha256", ""),
+        },
+    )
+    gates = threshold_gates(test, params.gates, names) + champion_gates(
+        test, champion.get("metrics"), params.gates, champion.get("label", ""), champion.get("skip", "")
+    )
+    passed = verdict(gates)
+    enforced = params.gates.enforce
+
+    predictions = predictions_table(test_scores, names)
+    out_dir = root / EVAL_DIR
+    tables = eval_report.write_tables(out_dir, test, predictions)
+    figures = eval_report.write_figures(
+        out_dir, test, names, test_scores.features, test_scores.labels, test_scores.correct
+    )
+    summary = {
+        "passed": passed,
+        "enforced": enforced,
+        "test": scalars_only(test),
+        "val": scalars_only(val) if val else {},
+        "gates": {g.gate: json_safe({k: v for k, v in g.to_dict().items() if k != "gate"}) for g in gates},
+        "champion": json_safe(
+            {k: champion[k] for k in ("version", "alias", "metrics", "paired") if k in champion}
+        ),
+    }
+    (root / EVAL_METRICS).parent.mkdir(parents=True, exist_ok=True)
+    (root / EVAL_METRICS).write_text(json.dumps(summary, indent=2) + "\n")
+    details = {
+        split: {k: report[k] for k in ("confusion", "calibration", "centroid_distances")}
+        for split, report in (("test", test), ("val", val))
+        if report
+    }
+    (root / EVAL_DETAILS).write_text(
+        json.dumps(json_safe({"class_names": names, **details}), indent=2) + "\n"
+    )
+    markdown = eval_report.render_markdown(
+        passed=passed,
+        enforced=enforced,
+        gates=gates,
+        test=test,
+        val=val,
+        class_names=names,
+        model=meta,
+        champion=champion,
+        errors=predictions[~predictions["correct"]],
+        max_listed_errors=ev.max_listed_errors,
+        calibration_bins=ev.calibration_bins,
+    )
+    (root / EVAL_REPORT).write_text(markdown)
+    table = format_table(gates)
+    failure = None
+    if not passed and enforced:
+        failure = CheckFailed(
+            f"evaluation gates failed on {test['images']} test images:\n{table}\n"
+            f"full report: {root / EVAL_REPORT}. Improve the model, or change the thresholds in "
+            "gates: (gates.enforce: false reports without failing)"
+        )
+    files = [*tables, *figures, root / EVAL_DETAILS]
+    _log_evaluation(params, root, meta, summary, test, val, names, files, failure)
+    if passed:
+        log.info("evaluation passed on %d test images:\n%s\nreport: %s", test["images"], table, EVAL_REPORT)
+    else:
+        log.warning(
+            "gates FAILED (gates.enforce is false, so the stage passes):\n%s\nreport: %s", table, EVAL_REPORT
+        )
+    return summary
+
+
+def _metric_key(name: str) -> str:
+    """An MLflow-safe metric name part (class names are folder names and may hold anything)."""
+    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", name)
+
+
+def _log_evaluation(
+    params: Params,
+    root: Path,
+    meta: dict,
+    summary: dict,
+    test: dict,
+    val: dict | None,
+    names: list[str],
+    files: list[Path],
+    failure: CheckFailed | None,
+) -> None:
+    """One MLflow run: gate settings, every metric, the reports and figures; links to training.
+
+    ``failure`` (failed gates) is raised inside the run, so it and this repro's pipeline run
+    end FAILED."""
+    tags = {
+        "model_run_id": str(meta.get("mlflow_run_id", "")),
+        "weights_sha256": meta["weights_sha256"],
+        "gates_passed": str(summary["passed"]).lower(),
+        "champion_version": str(summary["champion"].get("version", "")),
+    }
+    with mlflow_run(params, "evaluate", root, tags) as run:
+        mlflow.log_params(
+            flatten(
+                {
+                    "evaluate": params.evaluate.model_dump(mode="json"),
+                    "gates": params.gates.model_dump(mode="json"),
+                }
+            )
+        )
+        values: dict[str, float] = {}
+        for split, report in (("test", test), ("val", val)):
+            if not report:
+                continue
+            for key, value in scalars_only(report).items():
+                if isinstance(value, int | float) and not isinstance(value, bool) and value is not None:
+                    values[f"{split}_{key}"] = float(value)
+            for name, row in report["per_class"].items():
+                for key in ("precision", "recall", "f1", "cohesion"):
+                    value = row[key]
+                    if value is not None and not math.isnan(value):
+                        values[f"{split}_{key}.{_metric_key(name)}"] = float(value)
+        for gate, result in summary["gates"].items():
+            if result["margin"] is not None:
+                values[f"gate_margin.{gate}"] = float(result["margin"])
+        values["gates_passed"] = float(summary["passed"])
+        mlflow.log_metrics(values)
+        mlflow.log_artifact(str(root / EVAL_REPORT))
+        mlflow.log_artifact(str(root / EVAL_METRICS))
+        for path in files:
+            mlflow.log_artifact(str(path), artifact_path="evaluation")
+        tags = {"evaluation_run_id": run.info.run_id, "gates_passed": str(summary["passed"]).lower()}
+        tag_training_run(params, meta, tags)
+        if failure is not None:
+            raise failure

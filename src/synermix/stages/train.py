@@ -1,0 +1,171 @@
+"""The train stage: the usable train split (and tune's values) -> models/model + history."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import yaml
+from pydantic import ValidationError
+
+from synermix.config import Params, TrainParams
+from synermix.data.datasets import infer_channels
+from synermix.errors import UserError
+from synermix.paths import (
+    BEST_PARAMS,
+    MODEL_DIR,
+    PREPARED_DIR,
+    TRAIN_CHECKPOINT,
+    TRAIN_HISTORY,
+    TRAIN_METRICS,
+)
+from synermix.stages.common import train_val_rows
+from synermix.tracking import flatten, mlflow_run, tracking_uri
+from synermix.training import check_training_inputs, save_trained_model, train_model
+
+log = logging.getLogger(__name__)
+
+TUNABLE = ("beta", "lr", "weight_decay", "mixup_alpha", "inter_method")
+
+
+def apply_tuned(train: TrainParams, best_params: Path) -> tuple[TrainParams, dict]:
+    """train.* with the values the tune stage chose, and what it chose ({} when none).
+
+    Without the file (``synermix train`` run by hand before any tuning) or with
+    ``tuned: false`` (tune.enabled: false), params.yaml's values are used as they are.
+    """
+    if not best_params.is_file():
+        log.info("no %s: training with train.* from params.yaml as it is", best_params)
+        return train, {}
+    try:
+        tuned = yaml.safe_load(best_params.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"{best_params}: not readable YAML ({exc}); rerun the tune stage") from None
+    if not isinstance(tuned, dict) or not isinstance(tuned.get("params", {}), dict):
+        raise UserError(f"{best_params}: expected a mapping with 'params'; rerun the tune stage (dvc repro)")
+    if not tuned.get("tuned"):
+        return train, {}
+    values = tuned.get("params") or {}
+    unknown = sorted(set(values) - set(TUNABLE))
+    if unknown:
+        raise UserError(
+            f"{best_params}: cannot set train.{', train.'.join(unknown)}; tuning sets only "
+            f"{', '.join(TUNABLE)}. Rerun the tune stage (dvc repro)"
+        )
+    try:
+        merged = TrainParams.model_validate({**train.model_dump(), **values})
+    except ValidationError as exc:
+        problem = exc.errors(include_url=False)[0]
+        raise UserError(
+            f"{best_params}: {'.'.join(map(str, problem['loc']))} = {problem.get('input')!r}: "
+            f"{problem['msg']}; rerun the tune stage (dvc repro)"
+        ) from None
+    log.info(
+        "using tuned %s from %s (study %s, trial %s)",
+        ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()),
+        best_params,
+        tuned.get("study"),
+        tuned.get("best_trial"),
+    )
+    origin = {"study": str(tuned.get("study")), "best_trial": str(tuned.get("best_trial"))}
+    return merged, {"params": values, **origin}
+
+
+def run_train(params: Params, root: Path = Path(".")) -> dict:
+    """Train on the usable train split, validate on val, log to MLflow, write the model."""
+    names, train_rows, val_rows, manifest_sha = train_val_rows(params, root)
+    train_params, tuned = apply_tuned(params.train, root / BEST_PARAMS)
+    channels = infer_channels(train_rows) if train_params.channels == "auto" else int(train_params.channels)
+    # bad class weights, an input size the backbone cannot take, or starting weights that
+    # do not load stop here, before a run, a checkpoint or a model file is written
+    init = check_training_inputs(train_params, names, channels, tracking_uri(params.mlflow))
+
+    with mlflow_run(params, "train", root, {"manifest_sha256": manifest_sha}) as run:
+        mlflow.log_params(flatten({"seed": params.seed, "train": train_params.model_dump(mode="json")}))
+        init_record = init.record()
+        mlflow.log_params({"init.kind": init_record["kind"], "init.source": init_record["source"]})
+        mlflow.set_tag("init_spec", init_record["spec"])
+        if init_record["sha256"]:
+            mlflow.set_tag("init_sha256", init_record["sha256"])
+        if init_record.get("notes"):
+            mlflow.set_tag("init_notes", "; ".join(init_record["notes"]))
+        if tuned:
+            mlflow.log_params({f"tuned.{k}": v for k, v in tuned["params"].items()})
+            mlflow.set_tags({"tuned_by_study": tuned["study"], "tuned_best_trial": tuned["best_trial"]})
+        mlflow.log_params(
+            {
+                "data.source": params.data.source,
+                "data.train_images": len(train_rows),
+                "data.val_images": len(val_rows),
+                "data.classes": ",".join(names),
+            }
+        )
+
+        def log_epoch(row: dict) -> None:
+            mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+
+        result = train_model(
+            train_rows,
+            val_rows,
+            root / PREPARED_DIR,
+            names,
+            train_params,
+            params.seed,
+            checkpoint_path=root / TRAIN_CHECKPOINT,
+            on_epoch_end=log_epoch,
+            init=init,
+        )
+        meta = save_trained_model(
+            result,
+            train_params,
+            root / MODEL_DIR,
+            {
+                "mlflow_run_id": run.info.run_id,
+                "manifest_sha256": manifest_sha,
+                "seed": params.seed,
+                # prepare may already have resized (data.image_size) before the model's own
+                # resize; inference from raw photos must repeat both steps to match training
+                "prepare_image_size": params.data.image_size,
+                "tuned": tuned or None,
+            },
+        )
+        history = pd.DataFrame(result.history)
+        (root / TRAIN_HISTORY).parent.mkdir(parents=True, exist_ok=True)
+        history.to_csv(root / TRAIN_HISTORY, index=False, lineterminator="\n", float_format="%.6g")
+        final = result.selected  # the kept epoch (train.keep), not necessarily the last
+        majority = float(val_rows["label"].value_counts(normalize=True).max())
+        metrics = {
+            "val_accuracy": round(final["val_accuracy"], 6),
+            "val_macro_recall": round(final["val_macro_recall"], 6),
+            "val_loss": round(final["val_loss"], 6),
+            "val_majority_rate": round(majority, 6),
+            "epochs": len(result.history),
+            "selected_epoch": meta["selected_epoch"],
+            "last_val_macro_recall": round(result.final["val_macro_recall"], 6),
+            "resumed_from_epoch": result.resumed_from_epoch,
+        }
+        (root / TRAIN_METRICS).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        mlflow.log_metrics(
+            {
+                "final_val_accuracy": result.final["val_accuracy"],
+                "selected_val_accuracy": final["val_accuracy"],
+                "selected_val_macro_recall": final["val_macro_recall"],
+                "selected_epoch": meta["selected_epoch"],
+                "val_majority_rate": majority,
+            }
+        )
+        mlflow.log_artifacts(str(root / MODEL_DIR), artifact_path="model")
+        mlflow.log_artifact(str(root / TRAIN_HISTORY))
+        mlflow.set_tags({"weights_sha256": meta["weights_sha256"], "arch": meta["arch"]})
+    log.info(
+        "trained %s: val accuracy %.4f (majority class %.4f), macro recall %.4f; model in %s",
+        meta["arch"],
+        final["val_accuracy"],
+        majority,
+        final["val_macro_recall"],
+        MODEL_DIR,
+    )
+    return metrics
