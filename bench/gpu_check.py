@@ -790,7 +790,7 @@ def compare_variants(ctx: Context) -> None:
 def run_train_model(ctx: Context) -> None:
     import torch
 
-    from synermix.training import save_trained_model, train_model
+    from synermix.training import load_training_data, save_trained_model, train_model
 
     a, report = ctx.args, ctx.report
     if ctx.manifest is None:
@@ -802,16 +802,10 @@ def run_train_model(ctx: Context) -> None:
     report.add("train_model", case, "params", setup)
     checkpoint = ctx.tmp / "checkpoints" / "last.pt"
     start = time.perf_counter()
-    result = train_model(
-        ctx.rows("train"),
-        ctx.rows("val"),
-        ctx.root,
-        ctx.names,
-        params,
-        a.seed,
-        checkpoint_path=checkpoint,
-        data=ctx.training_data,
+    data = ctx.training_data or load_training_data(
+        ctx.rows("train"), ctx.rows("val"), ctx.root, ctx.names, params
     )
+    result = train_model(data, ctx.names, params, a.seed, checkpoint_path=checkpoint)
     wall = time.perf_counter() - start
     history = result.history
     losses = [row["train_loss"] for row in history]

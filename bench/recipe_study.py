@@ -297,7 +297,7 @@ def main() -> int:
             continue
         start = time.perf_counter()
         data = load_training_data(train_rows, val_rows, ROOT / PREPARED_DIR, names, train)
-        result = train_model(None, None, None, names, train, seed, data=data)
+        result = train_model(data, names, train, seed)
         seconds = time.perf_counter() - start
         test_set = InspectionImages(
             test_rows,

@@ -292,7 +292,7 @@ def run_bench(
         if kind not in loaded:
             loaded[kind] = load_training_data(rows_of[kind], val_rows, image_root, names, bases[kind])
         start = time.perf_counter()
-        result = train_model(None, None, None, names, train_params, run_seed, data=loaded[kind])
+        result = train_model(loaded[kind], names, train_params, run_seed)
         row = getattr(result, "selected", None) or result.final
         record = {
             "kind": kind,

@@ -21,7 +21,7 @@ from synermix.data.transforms import Preprocessing
 from synermix.errors import UserError
 from synermix.inference import Classifier, ModelInfo, read_files
 
-from .conftest import noise_image
+from .helpers import noise_image
 
 CLASSES = ["crack", "ok", "scratch"]
 EXPECTED_FILES = {

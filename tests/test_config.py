@@ -8,7 +8,7 @@ import yaml
 from synermix.config import Params, SourceSpec, load_params, parse_params
 from synermix.errors import UserError
 
-from .conftest import REPO_ROOT
+from .helpers import REPO_ROOT
 
 
 def test_project_params_file_is_valid_and_matches_defaults():

@@ -6,7 +6,7 @@ from PIL import Image
 
 from synermix.data.images import canonicalise, encode_png, inspect_image, resize_shorter_side
 
-from .conftest import huge_png_header, noise_image, png_bytes
+from .helpers import huge_png_header, noise_image, png_bytes
 
 LIMIT = 40_000_000
 

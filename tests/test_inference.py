@@ -20,7 +20,7 @@ from synermix.data.transforms import Preprocessing, load_resized, normalize
 from synermix.inference import Classifier, ModelInfo
 from synermix.models import build_model
 
-from .conftest import huge_png_header, noise_image, png_bytes
+from .helpers import huge_png_header, noise_image, png_bytes
 
 CLASSES = ["crack", "ok", "scratch"]
 
@@ -170,6 +170,7 @@ def run_cli(*args, cwd, env=None):
     )
 
 
+@pytest.mark.integration  # runs the CLI in a subprocess
 def test_predict_reports_bad_files_per_file_and_abstains(rgb_model, tmp_path):
     path = rgb_model[3]
     inbox = tmp_path / "inbox"
@@ -228,6 +229,7 @@ def test_predict_reports_bad_files_per_file_and_abstains(rgb_model, tmp_path):
     assert "Traceback" not in not_onnx.stderr
 
 
+@pytest.mark.integration  # a subprocess without torch
 def test_the_model_file_alone_runs_without_torch_or_the_training_code(grey_model, tmp_path):
     path = grey_model[3]
     image = tmp_path / "cell.png"

@@ -336,6 +336,7 @@ def from_registry(registered: dict, spec: str, **overrides) -> InitWeights:
     return resolve(spec, in_channels=1, tracking_uri=registered["uri"], **overrides)
 
 
+@pytest.mark.integration  # trains from a version in a real MLflow registry
 @pytest.mark.parametrize(
     ("spec", "version"), [("models:/synermix@candidate", "1"), ("models:/synermix/2", "2")]
 )

@@ -51,6 +51,7 @@ def test_dvc_lock_hashes_cover_upstream_stages_only(tmp_path):
     assert lineage.dvc_lock_hashes(tmp_path / "nowhere") == {}
 
 
+@pytest.mark.integration  # trains and runs stages
 def test_stages_of_one_repro_share_a_pipeline_run(tmp_path, train_project, monkeypatch):
     from mlflow.tracking import MlflowClient
 

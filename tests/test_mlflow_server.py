@@ -23,6 +23,9 @@ ALIAS_HISTORY = json.dumps(
     ]
 )
 
+# trains a model, starts a server or shells out (make test-unit leaves these out)
+pytestmark = pytest.mark.integration
+
 
 def tiny_onnx(path: Path) -> Path:
     """A 4 -> 2 linear layer exported with the legacy TorchScript exporter, opset 18."""

@@ -11,7 +11,7 @@ import yaml
 from synermix import paths
 from synermix.training import TRAINING_CODE
 
-from .conftest import REPO_ROOT
+from .helpers import REPO_ROOT
 
 DVC_STAGES = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
 SRC = REPO_ROOT / "src"

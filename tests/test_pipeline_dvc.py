@@ -12,7 +12,7 @@ import yaml
 
 from synermix.config import Params
 
-from .conftest import REPO_ROOT
+from .helpers import REPO_ROOT
 
 DVC = Path(sys.executable).with_name("dvc")
 STAGES = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
@@ -137,6 +137,7 @@ def check_lineage(repo: Path, env: dict) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_dvc_repro_on_real_elpv_subset(project):
     repo, env = project
     set_params(
@@ -257,6 +258,7 @@ def test_dvc_repro_on_real_elpv_subset(project):
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_dvc_repro_fails_on_a_bad_image_and_names_it(project, make_dataset):
     repo, env = project
     photos = make_dataset()

@@ -13,7 +13,7 @@ from synermix.errors import UserError
 from synermix.paths import PREPARE_SUMMARY, PREPARED_DIR
 from synermix.stages.prepare import run_prepare
 
-from .conftest import noise_image
+from .helpers import noise_image
 
 SPLIT = {"train": 0.7, "val": 0.15, "test": 0.15}
 

@@ -25,7 +25,10 @@ from synermix.stages.evaluate import run_evaluate
 from synermix.stages.export import run_export
 from synermix.stages.register import run_register
 from synermix.tracking import client, experiment_id, using_store
-from tests.conftest import noise_image
+from tests.helpers import noise_image
+
+# trains a model, starts a server or shells out (make test-unit leaves these out)
+pytestmark = pytest.mark.integration
 
 LAX = {
     "min_accuracy": None,

@@ -1,8 +1,13 @@
 """The same staged rollout against an MLflow tracking server on PostgreSQL with a shared
 (server-proxied) artifact store, over HTTP: what a team past one machine runs."""
 
+import pytest
+
 from synermix import registry
 from tests.test_registry import build_project, rollout_flow
+
+# trains a model, starts a server or shells out (make test-unit leaves these out)
+pytestmark = pytest.mark.integration
 
 
 def test_register_promote_rollback_over_http(tmp_path, train_project, mlflow_server):

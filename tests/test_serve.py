@@ -27,8 +27,11 @@ from synermix.data.transforms import Preprocessing
 from synermix.inference import Classifier, read_files
 from synermix.serve import ServeSettings, Service, create_app
 
-from .conftest import huge_png_header, noise_image, png_bytes
+from .helpers import huge_png_header, noise_image, png_bytes
 from .test_bundle import CLASSES, TinyNet
+
+# trains a model, starts a server or shells out (make test-unit leaves these out)
+pytestmark = pytest.mark.integration
 
 
 class WiderNet(torch.nn.Module):

@@ -8,28 +8,23 @@ import sys
 import pytest
 import torch
 
-from synermix.config import SourceSpec, TrainParams
-from synermix.data.prepare import prepare_dataset
-from synermix.training import load_trained_model, save_trained_model, train_model
+from synermix.config import TrainParams
+from synermix.training import load_trained_model, save_trained_model
 
-from .conftest import REPO_ROOT
+from .helpers import REPO_ROOT, fit, prepare_elpv
 from .train_job import TRAIN, rows
+
+# trains a model, starts a server or shells out (make test-unit leaves these out)
+pytestmark = pytest.mark.integration
 
 TIMING = {"images_per_s", "epoch_seconds"}
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    out = tmp_path_factory.mktemp("elpv") / "prepared"
-    prepare_dataset(
-        SourceSpec("elpv"),
-        out,
-        seed=123,
-        split={"train": 0.6, "val": 0.2, "test": 0.2},
-        max_per_class=100,
-        image_size=64,
+    return prepare_elpv(
+        tmp_path_factory.mktemp("elpv") / "prepared", seed=123, max_per_class=100, image_size=64
     )
-    return out
 
 
 def comparable(history):
@@ -58,7 +53,7 @@ def test_short_run_on_real_images_learns(prepared):
         mixup_alpha=1.0,
         select_metric="val_accuracy",
     )
-    result = train_model(train, val, prepared, ["mono", "poly"], params, seed=1)
+    result = fit(train, val, prepared, ["mono", "poly"], params, seed=1)
     history = result.history
     assert len(history) == 5 and all(math.isfinite(r["train_loss"]) for r in history)
     # the val split is small (one image moves accuracy by 2.5 points) and the float sums of
@@ -68,23 +63,23 @@ def test_short_run_on_real_images_learns(prepared):
     assert max(accuracies) >= 0.8, accuracies
     assert result.selected_epoch == accuracies.index(max(accuracies)) + 1 and params.keep == "best"
     seen = InspectionImages(train, prepared, ["mono", "poly"], result.preprocessing, 32, 1)
-    fit = evaluate(result.model, DataLoader(seen, batch_size=64), select_device("cpu"), 2)
-    assert fit["accuracy"] >= 0.8, fit
+    train_fit = evaluate(result.model, DataLoader(seen, batch_size=64), select_device("cpu"), 2)
+    assert train_fit["accuracy"] >= 0.8, train_fit
     assert result.preprocessing.channels == 1 and result.preprocessing.image_size == 32
 
 
 def test_same_seed_same_metrics_on_cpu(prepared):
     train, val = rows(prepared)
     params = TrainParams(**{**TRAIN, "epochs": 2, "method": "synermix", "inter_method": "manifold_mixup"})
-    a = train_model(train, val, prepared, ["defective", "functional"], params, seed=3)
-    b = train_model(train, val, prepared, ["defective", "functional"], params, seed=3)
+    a = fit(train, val, prepared, ["defective", "functional"], params, seed=3)
+    b = fit(train, val, prepared, ["defective", "functional"], params, seed=3)
     assert comparable(a.history) == comparable(b.history)
 
 
 def test_kill_and_resume_gives_the_same_result(prepared, tmp_path):
     train, val = rows(prepared)
     params = TrainParams(**TRAIN)
-    reference = train_model(
+    reference = fit(
         train, val, prepared, ["defective", "functional"], params, 7, checkpoint_path=tmp_path / "ref.pt"
     )
 
@@ -102,9 +97,7 @@ def test_kill_and_resume_gives_the_same_result(prepared, tmp_path):
     assert job.returncode == -signal.SIGKILL
     assert torch.load(checkpoint, weights_only=True)["epoch"] == 2
 
-    resumed = train_model(
-        train, val, prepared, ["defective", "functional"], params, 7, checkpoint_path=checkpoint
-    )
+    resumed = fit(train, val, prepared, ["defective", "functional"], params, 7, checkpoint_path=checkpoint)
     assert resumed.resumed_from_epoch == 2
     assert comparable(resumed.history) == comparable(reference.history)
     for (name, a), (_, b) in zip(
@@ -116,7 +109,7 @@ def test_kill_and_resume_gives_the_same_result(prepared, tmp_path):
 def test_checkpoint_of_another_configuration_is_not_resumed(prepared, tmp_path):
     train, val = rows(prepared)
     checkpoint = tmp_path / "last.pt"
-    train_model(
+    fit(
         train,
         val,
         prepared,
@@ -125,7 +118,7 @@ def test_checkpoint_of_another_configuration_is_not_resumed(prepared, tmp_path):
         7,
         checkpoint_path=checkpoint,
     )
-    other = train_model(
+    other = fit(
         train,
         val,
         prepared,
@@ -140,7 +133,7 @@ def test_checkpoint_of_another_configuration_is_not_resumed(prepared, tmp_path):
 def test_saved_model_reloads_with_weights_only(prepared, tmp_path):
     train, val = rows(prepared)
     params = TrainParams(**{**TRAIN, "epochs": 1})
-    result = train_model(train, val, prepared, ["defective", "functional"], params, 7)
+    result = fit(train, val, prepared, ["defective", "functional"], params, 7)
     meta = save_trained_model(result, params, tmp_path / "model", {"mlflow_run_id": "r1"})
     model, loaded = load_trained_model(tmp_path / "model")
     assert loaded == meta and loaded["class_names"] == ["defective", "functional"]
@@ -154,12 +147,8 @@ def test_a_finished_checkpoint_is_never_reused(prepared, tmp_path):
     train, val = rows(prepared)
     params = TrainParams(**{**TRAIN, "epochs": 1})
     checkpoint = tmp_path / "last.pt"
-    first = train_model(
-        train, val, prepared, ["defective", "functional"], params, 7, checkpoint_path=checkpoint
-    )
-    again = train_model(
-        train, val, prepared, ["defective", "functional"], params, 7, checkpoint_path=checkpoint
-    )
+    first = fit(train, val, prepared, ["defective", "functional"], params, 7, checkpoint_path=checkpoint)
+    again = fit(train, val, prepared, ["defective", "functional"], params, 7, checkpoint_path=checkpoint)
     assert again.resumed_from_epoch == 0  # trained again (e.g. after a code change), not copied
     assert comparable(again.history) == comparable(first.history)
 

@@ -5,32 +5,28 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from synermix.config import SourceSpec, TrainParams
+from synermix.config import TrainParams
 from synermix.data.datasets import InspectionImages
-from synermix.data.prepare import prepare_dataset
 from synermix.engine import build_optimizer, evaluate, select_device
 from synermix.errors import UserError
 from synermix.mixup import MixRandom, SynerMixLoss
 from synermix.models import build_model
-from synermix.training import check_input_size, class_weight_vector, train_model
+from synermix.training import check_input_size, class_weight_vector
 
+from .helpers import fit, prepare_elpv
 from .train_job import TRAIN, rows
+
+# trains a model, starts a server or shells out (make test-unit leaves these out)
+pytestmark = pytest.mark.integration
 
 NAMES = ["defective", "functional"]
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    out = tmp_path_factory.mktemp("elpv-recipe") / "prepared"
-    prepare_dataset(
-        SourceSpec("elpv"),
-        out,
-        seed=5,
-        split={"train": 0.6, "val": 0.2, "test": 0.2},
-        max_per_class=60,
-        image_size=40,
+    return prepare_elpv(
+        tmp_path_factory.mktemp("elpv-recipe") / "prepared", seed=5, max_per_class=60, image_size=40
     )
-    return out
 
 
 def val_score(result, prepared, val):
@@ -42,8 +38,8 @@ def test_best_epoch_selection_returns_the_weights_of_the_best_val_epoch(prepared
     train, val = rows(prepared)
     # a high constant learning rate makes val scores jump from epoch to epoch
     knobs = {**TRAIN, "epochs": 5, "lr": 0.2, "schedule": "step", "gamma": 1.0, "warmup_epochs": 0}
-    best = train_model(train, val, prepared, NAMES, TrainParams(**knobs, keep="best"), seed=11)
-    last = train_model(train, val, prepared, NAMES, TrainParams(**knobs, keep="last"), seed=11)
+    best = fit(train, val, prepared, NAMES, TrainParams(**knobs, keep="best"), seed=11)
+    last = fit(train, val, prepared, NAMES, TrainParams(**knobs, keep="last"), seed=11)
     scores = [row["val_macro_recall"] for row in best.history]
     # selection does not change training: the same epochs either way
     assert scores == [row["val_macro_recall"] for row in last.history]
@@ -60,9 +56,7 @@ def test_best_epoch_selection_returns_the_weights_of_the_best_val_epoch(prepared
 def test_selection_on_val_accuracy(prepared):
     train, val = rows(prepared)
     knobs = {**TRAIN, "epochs": 3, "lr": 0.2, "schedule": "step", "gamma": 1.0, "warmup_epochs": 0}
-    result = train_model(
-        train, val, prepared, NAMES, TrainParams(**knobs, select_metric="val_accuracy"), seed=2
-    )
+    result = fit(train, val, prepared, NAMES, TrainParams(**knobs, select_metric="val_accuracy"), seed=2)
     accuracies = [row["val_accuracy"] for row in result.history]
     assert result.selected_epoch == accuracies.index(max(accuracies)) + 1
 
@@ -70,8 +64,8 @@ def test_selection_on_val_accuracy(prepared):
 def test_ema_weights_are_validated_and_returned(prepared):
     train, val = rows(prepared)
     knobs = {**TRAIN, "epochs": 2, "keep": "last"}
-    plain = train_model(train, val, prepared, NAMES, TrainParams(**knobs), seed=4)
-    ema = train_model(train, val, prepared, NAMES, TrainParams(**knobs, ema_decay=0.9), seed=4)
+    plain = fit(train, val, prepared, NAMES, TrainParams(**knobs), seed=4)
+    ema = fit(train, val, prepared, NAMES, TrainParams(**knobs, ema_decay=0.9), seed=4)
     # the same training steps; the averaged weights are what is scored and returned
     assert [r["train_loss"] for r in ema.history] == [r["train_loss"] for r in plain.history]
     assert ema.history[-1]["val_loss"] != plain.history[-1]["val_loss"]

@@ -45,6 +45,9 @@ from synermix.tuning import (
     trial_base,
 )
 
+# trains a model, starts a server or shells out (make test-unit leaves these out)
+pytestmark = pytest.mark.integration
+
 #: columns of trials.csv that must repeat exactly for the same params and data on CPU
 STABLE = ["trial", "state", "value", "last_reported", "beta", "lr", "epochs_used"]
 
@@ -429,7 +432,7 @@ def test_tune_reruns_the_top_trials_and_reports_the_seed_spread(project, monkeyp
 
     def train_model(*args, **kwargs):
         rerun = kwargs.get("on_epoch_end") is None
-        calls.append((args[5], rerun))
+        calls.append((args[3], rerun))  # (data, class_names, params, seed)
         if rerun and sum(r for _, r in calls) == crash_on_call["n"]:
             raise RuntimeError("killed during a re-run")
         return real_train(*args, **kwargs)
@@ -551,9 +554,10 @@ def _tune_process(root: Path, *extra: str) -> subprocess.Popen:
 
 def test_kill_during_a_trial_then_resume_keeps_finished_trials_and_the_budget(project):
     root, photos = project
-    # six epochs, and the kill lands at the third: the dead worker's last checkpoint is then
-    # of an unfinished trial even when a loaded host stretches the poll below
-    params = tune_params(photos, n_trials=4, epochs=6, pruner={"kind": "none"})
+    # eight epochs, and the kill lands between the third and the sixth: a window of four
+    # epochs that the poll below cannot miss, and the dead worker's last checkpoint is then
+    # of an unfinished trial even when a loaded host stretches the poll
+    params = tune_params(photos, n_trials=4, epochs=8, pruner={"kind": "none"})
     _write_params_file(root, params)
     storage = f"sqlite:///{root / TUNE_STATE_DIR / 'optuna.db'}"
     worker = _tune_process(root)
@@ -567,7 +571,7 @@ def test_kill_during_a_trial_then_resume_keeps_finished_trials_and_the_budget(pr
             continue
         trials = study.get_trials()
         done = [t for t in trials if t.state == TrialState.COMPLETE]
-        running = [t for t in trials if t.state == TrialState.RUNNING and 2 <= len(t.intermediate_values) < 4]
+        running = [t for t in trials if t.state == TrialState.RUNNING and 2 <= len(t.intermediate_values) < 6]
         if done and running:
             victim = running[0]
     assert victim is not None, worker.stderr.read() if worker.poll() is not None else "no trial reached"

@@ -15,7 +15,7 @@ from synermix.paths import PREPARED_DIR, QUARANTINE_CSV, VALIDATION_JSON, VALIDA
 from synermix.stages.prepare import run_prepare
 from synermix.stages.validate import run_validate
 
-from .conftest import huge_png_header, noise_image, png_bytes
+from .helpers import huge_png_header, noise_image, png_bytes
 
 
 @pytest.fixture
@@ -235,6 +235,7 @@ def test_offending_files_are_capped_in_reports(tmp_path, make_dataset, pipeline)
     assert "and 2 more" in (tmp_path / VALIDATION_MD).read_text()
 
 
+@pytest.mark.integration  # runs the CLI in subprocesses
 def test_stage_commands_exit_codes(tmp_path, make_dataset):
     """A failed rule exits 1 with the rule and file; a missing source exits 2; one line each."""
     root = make_dataset()

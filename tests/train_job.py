@@ -7,7 +7,7 @@ from pathlib import Path
 
 from synermix.config import TrainParams
 from synermix.data.manifest import read_manifest
-from synermix.training import train_model
+from synermix.training import load_training_data, train_model
 
 TRAIN = {"image_size": 32, "epochs": 4, "batch_size": 16, "warmup_epochs": 0.5, "lr": 0.02}
 
@@ -26,12 +26,11 @@ def main(prepared: str, checkpoint: str, pause_after: int) -> None:
             print("PAUSED", flush=True)
             time.sleep(600)
 
+    names, params = ["defective", "functional"], TrainParams(**TRAIN)
     train_model(
-        train,
-        val,
-        Path(prepared),
-        ["defective", "functional"],
-        TrainParams(**TRAIN),
+        load_training_data(train, val, Path(prepared), names, params),
+        names,
+        params,
         7,
         checkpoint_path=Path(checkpoint),
         on_epoch_end=pause,

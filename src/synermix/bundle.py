@@ -168,11 +168,7 @@ def _preprocessing_spec(model: _OnnxModel) -> dict[str, Any]:
         "output_name": model.output_name,
         "dtype": "float32",
         "layout": "NCHW",
-        "image_size": size,
-        "channels": channels,
-        "mean": list(info.mean),
-        "std": list(info.std),
-        "resize": info.resize,
+        **info.preprocessing.to_dict(),  # image_size, channels, mean, std, resize
         "prepare_image_size": info.prepare_image_size,
         "max_pixels": DEFAULT_MAX_PIXELS,
         "steps": steps,

@@ -17,3 +17,10 @@ ARCHITECTURES = (
 METHODS = ("erm", "mixup", "manifold_mixup", "synermix_intra", "synermix")
 #: Inter-class part of ``synermix``.
 INTER_METHODS = ("mixup", "manifold_mixup")
+#: Where training and PyTorch scoring run (``train.device``, ``evaluate.device``).
+DEVICES = ("auto", "cpu", "cuda")
+#: ONNX Runtime execution providers a model may run on (``serve.provider``, ``--provider``).
+PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
+#: Decompression-bomb guard: the most pixels an image may decode to (``data.max_pixels``,
+#: ``serve.max_pixels``, ``--max-pixels``).
+MAX_PIXELS = 40_000_000

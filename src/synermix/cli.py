@@ -20,8 +20,10 @@ from pathlib import Path
 
 import yaml
 
+from synermix.choices import MAX_PIXELS, PROVIDERS
 from synermix.config import load_params
 from synermix.errors import exit_on_user_error
+from synermix.paths import ONNX_MODEL
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -75,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("paths", nargs="+", help="image files and/or folders (searched recursively)")
     predict.add_argument(
         "--model",
-        default="models/onnx/model.onnx",
+        default=str(ONNX_MODEL),
         help="an ONNX file, a bundle folder (checksums verified first) or a registered version "
         "models:/<name>@<alias> | models:/<name>/<version> (default: %(default)s)",
     )
@@ -89,9 +91,9 @@ def _parser() -> argparse.ArgumentParser:
         help="mark images whose top class probability is below P as 'abstain' (manual inspection)",
     )
     predict.add_argument("--batch-size", type=int, default=32)
-    predict.add_argument("--provider", choices=("auto", "cpu", "cuda", "tensorrt"), default="auto")
+    predict.add_argument("--provider", choices=PROVIDERS, default="auto")
     predict.add_argument(
-        "--max-pixels", type=int, default=40_000_000, help="decompression-bomb guard (default: %(default)s)"
+        "--max-pixels", type=int, default=MAX_PIXELS, help="decompression-bomb guard (default: %(default)s)"
     )
     return parser
 
@@ -120,7 +122,7 @@ def _rollout_parsers(sub) -> None:
     pilot.add_argument("--version", help="version to evaluate (default: the one holding @pilot)")
     pilot.add_argument("--by", help="who collected/ran it (default: login@host)")
     pilot.add_argument("--batch-size", type=int, default=32)
-    pilot.add_argument("--provider", choices=("auto", "cpu", "cuda", "tensorrt"), default="auto")
+    pilot.add_argument("--provider", choices=PROVIDERS, default="auto")
     pilot.add_argument("--json", action="store_true", help="print the result as JSON")
     rollback = sub.add_parser("rollback", help="put back the version that held the alias before")
     rollback.add_argument("alias", choices=("production", "pilot"))
@@ -166,9 +168,9 @@ def _serve_parser(sub) -> None:
     serve.add_argument("--max-files", type=int, help="files per batch request")
     serve.add_argument("--poll-seconds", type=float, help="how often to look for a new model (0: never)")
     serve.add_argument("--max-batch", type=int, help="most images per onnxruntime run")
-    serve.add_argument("--provider", choices=("auto", "cpu", "cuda", "tensorrt"))
+    serve.add_argument("--provider", choices=PROVIDERS)
     serve.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
-    serve.add_argument("--max-pixels", type=int, default=40_000_000, help="decompression-bomb guard")
+    serve.add_argument("--max-pixels", type=int, help="decompression-bomb guard (default: 40000000)")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -192,24 +194,7 @@ def _serve(args: argparse.Namespace) -> int:
         token = args.token_file.read_text().strip()
         if not token:
             raise UserError(f"--token-file {args.token_file} is empty")
-    settings = ServeSettings(
-        model=values.model,
-        shadow=values.shadow,
-        host=values.host,
-        port=values.port,
-        token=token,
-        abstain=values.abstain,
-        max_request_bytes=int(values.max_request_mb * 2**20),
-        max_pixels=args.max_pixels,
-        max_files=values.max_files,
-        poll_seconds=values.poll_seconds,
-        max_batch=values.max_batch,
-        provider=values.provider,
-        threads=args.threads,
-        shadow_log=Path(values.shadow_log) if values.shadow and values.shadow_log else None,
-        tracking_uri=_store_uri(params),
-    )
-    run(settings)
+    run(ServeSettings.from_params(values, token=token, tracking_uri=_store_uri(params)))
     return 0
 
 

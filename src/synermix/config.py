@@ -18,8 +18,9 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from synermix.choices import ARCHITECTURES, INTER_METHODS, METHODS
+from synermix.choices import ARCHITECTURES, DEVICES, INTER_METHODS, MAX_PIXELS, METHODS, PROVIDERS
 from synermix.errors import UserError
+from synermix.paths import MLFLOW_DB, ONNX_MODEL, SHADOW_LOG
 
 Severity = Literal["error", "warning", "off"]
 
@@ -80,7 +81,7 @@ class DataParams(_Section):
     classes: list[str] = Field(default_factory=list)
     image_size: Annotated[int, Field(ge=8, le=8192)] | None = None
     max_per_class: Annotated[int, Field(ge=1)] | None = None
-    max_pixels: Annotated[int, Field(ge=64, le=1_000_000_000)] = 40_000_000
+    max_pixels: Annotated[int, Field(ge=64, le=1_000_000_000)] = MAX_PIXELS
     split: SplitRatios = Field(default_factory=SplitRatios)
 
     @field_validator("source")
@@ -234,7 +235,7 @@ class TrainParams(_Section):
     gamma: Annotated[float, Field(gt=0, le=1)] = 0.5
     warmup_epochs: Annotated[float, Field(ge=0)] = 1.0
     augment: AugmentParams = Field(default_factory=AugmentParams)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal[DEVICES] = "auto"
     amp: bool = True
     channels_last: bool = True
     compile: bool = False
@@ -418,7 +419,7 @@ class EvaluateParams(_Section):
     batch_size: Annotated[int, Field(ge=1, le=8192)] = 256
     #: equal-width confidence bins of the expected calibration error
     calibration_bins: Annotated[int, Field(ge=1, le=100)] = 15
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal[DEVICES] = "auto"
     #: wrongly classified test images listed by name in reports/evaluation.md
     max_listed_errors: Annotated[int, Field(ge=0)] = 20
 
@@ -532,10 +533,10 @@ class ServeParams(_Section):
     """``synermix serve`` defaults (each has a command-line flag that overrides it)."""
 
     #: a bundle folder, an .onnx file, or models:/<name>@<alias>
-    model: str = "models/onnx/model.onnx"
+    model: str = str(ONNX_MODEL)
     #: a second model scored on the same requests (answers come from model), or null
     shadow: str | None = None
-    shadow_log: str | None = "reports/shadow.jsonl"
+    shadow_log: str | None = str(SHADOW_LOG)
     #: loopback unless told otherwise; 0.0.0.0 exposes the service to the network
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 8080
@@ -548,14 +549,18 @@ class ServeParams(_Section):
     poll_seconds: Annotated[float, Field(ge=0)] = 30.0
     #: most images per onnxruntime run when requests queue up (micro-batching)
     max_batch: Annotated[int, Field(ge=1, le=1024)] = 32
-    provider: Literal["auto", "cpu", "cuda", "tensorrt"] = "auto"
+    provider: Literal[PROVIDERS] = "auto"
+    #: onnxruntime intra-op threads (null: all cores)
+    threads: Annotated[int, Field(ge=1, le=1024)] | None = None
+    #: decompression-bomb guard: the most pixels an uploaded image may decode to
+    max_pixels: Annotated[int, Field(ge=64, le=1_000_000_000)] = MAX_PIXELS
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
 
 
 class MlflowParams(_Section):
     #: Overridden by the MLFLOW_TRACKING_URI environment variable when set.
-    tracking_uri: str = "sqlite:///mlflow.db"
+    tracking_uri: str = f"sqlite:///{MLFLOW_DB}"
     experiment: str = "synermix"
 
     @field_validator("tracking_uri")

@@ -26,7 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from synermix.choices import MAX_PIXELS, PROVIDERS
 from synermix.data.images import IMAGE_EXTENSIONS, fit_square, inspect_image, resize_shorter_side
+from synermix.preprocessing import RESIZE_POLICY, Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +36,14 @@ log = logging.getLogger(__name__)
 METADATA_KEY = "synermix"
 METADATA_VERSION = 1
 #: default decompression-bomb guard for images sent to a model (as data.max_pixels)
-DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_MAX_PIXELS = MAX_PIXELS
 
 _PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
     "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
-PROVIDER_CHOICES = ("auto", *_PROVIDERS)
+PROVIDER_CHOICES = PROVIDERS  # "auto" and the keys above
 
 
 class BadImage(ValueError):
@@ -53,13 +55,16 @@ class ModelInfo:
     """What an ONNX file says about itself."""
 
     class_names: list[str]
-    image_size: int
-    channels: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    resize: str
+    preprocessing: Preprocessing
     prepare_image_size: int | None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    # the contract's fields, read through (bundle, serve and the tests use them)
+    image_size = property(lambda self: self.preprocessing.image_size)
+    channels = property(lambda self: self.preprocessing.channels)
+    mean = property(lambda self: self.preprocessing.mean)
+    std = property(lambda self: self.preprocessing.std)
+    resize = property(lambda self: self.preprocessing.resize)
 
     @classmethod
     def from_metadata(cls, custom: dict[str, str]) -> ModelInfo:
@@ -73,14 +78,9 @@ class ModelInfo:
             raise ValueError(
                 f"model metadata version {data.get('format_version')} (this code reads {METADATA_VERSION})"
             )
-        pre = data["preprocessing"]
         return cls(
             class_names=list(data["class_names"]),
-            image_size=int(pre["image_size"]),
-            channels=int(pre["channels"]),
-            mean=tuple(float(v) for v in pre["mean"]),
-            std=tuple(float(v) for v in pre["std"]),
-            resize=str(pre["resize"]),
+            preprocessing=Preprocessing.from_dict(data["preprocessing"]),
             prepare_image_size=data.get("prepare_image_size"),
             extra={k: v for k, v in data.items() if k not in ("class_names", "preprocessing")},
         )
@@ -90,7 +90,7 @@ class Preprocessor:
     """File bytes -> the model's normalised float32 ``C x H x W`` input."""
 
     def __init__(self, info: ModelInfo, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-        if info.resize != "shorter_side_bilinear_center_crop":
+        if info.resize != RESIZE_POLICY:
             raise ValueError(f"unknown resize policy {info.resize!r} in the model metadata")
         self.info = info
         self.max_pixels = max_pixels

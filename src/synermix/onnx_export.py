@@ -23,6 +23,7 @@ import onnx
 import torch
 
 from synermix.inference import METADATA_KEY, METADATA_VERSION, Classifier
+from synermix.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ OUTPUT_NAME = "logits"
 
 def model_metadata(meta: dict[str, Any], exporter: str, opset: int, **extra: Any) -> dict[str, str]:
     """ONNX ``metadata_props``: one JSON entry that inference reads, plus readable copies."""
-    pre = meta["preprocessing"]
+    pre = Preprocessing.from_dict(meta["preprocessing"]).to_dict()  # the contract, checked
     description = {
         "format_version": METADATA_VERSION,
         "class_names": list(meta["class_names"]),

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 from fastapi import Request
 
+from synermix.config import ServeParams
 from synermix.errors import UserError
 from synermix.inference import DEFAULT_MAX_PIXELS, BadImage, Classifier
 from synermix.model_source import fingerprint, is_registry, model_file, registry_about
@@ -57,7 +58,9 @@ IMAGE_TYPES = ("image/", "application/octet-stream")
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """How the service runs (``synermix serve`` flags; see the README's serve section)."""
+    """How the service runs: ``serve:`` of params.yaml with the command line's flags over it
+    (:meth:`from_params`), plus what never goes in a params file (the token) and the MLflow
+    store a ``models:/`` spec is read from. See docs/serve.md."""
 
     model: str
     shadow: str | None = None
@@ -74,6 +77,28 @@ class ServeSettings:
     threads: int | None = None
     shadow_log: Path | None = None
     tracking_uri: str | None = None
+
+    @classmethod
+    def from_params(
+        cls, serve: ServeParams, token: str | None = None, tracking_uri: str | None = None
+    ) -> ServeSettings:
+        return cls(
+            model=serve.model,
+            shadow=serve.shadow,
+            host=serve.host,
+            port=serve.port,
+            token=token,
+            abstain=serve.abstain,
+            max_request_bytes=int(serve.max_request_mb * 2**20),
+            max_pixels=serve.max_pixels,
+            max_files=serve.max_files,
+            poll_seconds=serve.poll_seconds,
+            max_batch=serve.max_batch,
+            provider=serve.provider,
+            threads=serve.threads,
+            shadow_log=Path(serve.shadow_log) if serve.shadow and serve.shadow_log else None,
+            tracking_uri=tracking_uri,
+        )
 
 
 # --------------------------------------------------------------------------- models
@@ -421,9 +446,10 @@ class Service:
                 if model.classifier.class_names != list(primary.scores):
                     raise ValueError("the shadow model knows other classes")
                 mine = model.classifier.info
-                same_input = (mine.image_size, mine.channels, mine.mean, mine.std, mine.resize,
-                              mine.prepare_image_size) == (info.image_size, info.channels, info.mean,
-                              info.std, info.resize, info.prepare_image_size)  # fmt: skip
+                same_input = (mine.preprocessing, mine.prepare_image_size) == (
+                    info.preprocessing,
+                    info.prepare_image_size,
+                )
                 # a pilot may take another input size: then it decodes the bytes its own way
                 x = x if same_input else model.classifier.preprocess(data)
                 p = model.batcher.submit(x).result(timeout=60)

@@ -229,22 +229,21 @@ def load_training_data(
 
 
 def train_model(
-    train_rows: pd.DataFrame | None,
-    val_rows: pd.DataFrame | None,
-    image_root: Path | None,
+    data: TrainingData,
     class_names: Sequence[str],
     params: TrainParams,
     seed: int,
+    *,
     checkpoint_path: Path | None = None,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
-    data: TrainingData | None = None,
     on_resume: Callable[[int], None] | None = None,
     init=None,
 ) -> TrainingResult:
-    """Train with ``params`` on ``train_rows``, validating on ``val_rows`` after every epoch.
+    """Train with ``params`` on ``data`` (from :func:`load_training_data`, built with the
+    same params: the tune stage builds it once for every trial), validating on its val
+    set after every epoch.
 
-    ``data`` (from :func:`load_training_data` on the same rows and params) skips loading
-    the images again; the rows and root are then not used. ``on_epoch_end`` gets each
+    ``on_epoch_end`` gets each
     epoch's row, replayed ones included on resume; an exception it raises (e.g. a pruned
     trial) stops training after the checkpoint of that epoch is written. ``on_resume``
     gets the epoch a checkpoint resumes from. ``init`` (an
@@ -257,8 +256,6 @@ def train_model(
     seeds = seeds_for(seed)
     torch.manual_seed(seeds["torch"])
     setup = select_device(params.device, params.amp, params.channels_last)
-    if data is None:
-        data = load_training_data(train_rows, val_rows, image_root, class_names, params)
     train_set, val_set, pre = data.train_set, data.val_set, data.preprocessing
     channels = pre.channels
 

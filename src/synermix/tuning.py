@@ -369,15 +369,12 @@ class Tuner:
         )
         try:
             result = train_model(
-                None,
-                None,
-                None,
+                self._training_data(),
                 self.class_names,
                 params,
                 self.seed,
                 checkpoint_path=checkpoint,
                 on_epoch_end=report,
-                data=self.data,
                 on_resume=lambda epoch: trial.set_user_attr(ATTR_RESUMED, epoch),
                 init=self.init,
             )
@@ -404,27 +401,28 @@ class Tuner:
         checkpoint.unlink(missing_ok=True)
         return objective_value(result, objective)
 
+    def _training_data(self) -> TrainingData:
+        """The shared images, loaded on first need (a complete study needs none)."""
+        if self.data is None:
+            if self.load_data is None:
+                raise RuntimeError("a trial or re-run needs the training data and no loader was given")
+            self.data = self.load_data()
+        return self.data
+
     def rerun(self, trial: FrozenTrial, seed: int) -> float:
         """Train ``trial``'s values once more, as the trial did but with ``seed``.
 
         An epoch checkpoint lets a re-run killed half-way resume; a diverged loss raises
         :class:`TrainingDiverged` (recorded by :func:`rerun_top`)."""
-        if self.data is None:
-            if self.load_data is None:
-                raise RuntimeError("a re-run needs the training data and no loader was given")
-            self.data = self.load_data()
         values = dict(trial.params)
         checkpoint = self.checkpoint_dir / f"rerun-{_values_key(values)}-{seed}.pt"
         try:
             result = train_model(
-                None,
-                None,
-                None,
+                self._training_data(),
                 self.class_names,
                 with_values(self.base, values),
                 seed,
                 checkpoint_path=checkpoint,
-                data=self.data,
                 init=self.init,
             )
         except TrainingDiverged:

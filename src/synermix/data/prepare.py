@@ -25,6 +25,7 @@ from pathlib import Path, PurePosixPath
 import pandas as pd
 from tqdm import tqdm
 
+from synermix.choices import MAX_PIXELS
 from synermix.config import SourceSpec
 from synermix.data.images import encode_png, inspect_image, resize_shorter_side
 from synermix.data.manifest import BASE_COLUMNS, MANIFEST_NAME, write_manifest
@@ -134,7 +135,7 @@ def prepare_dataset(
     split: Mapping[str, float],
     image_size: int | None = None,
     max_per_class: int | None = None,
-    max_pixels: int = 40_000_000,
+    max_pixels: int = MAX_PIXELS,
     workers: int = 2,
 ) -> PrepareResult:
     """Write ``out_dir/images/<label>/*.png`` and ``out_dir/manifest.csv``; return both tables."""

@@ -1,9 +1,5 @@
-"""Preprocessing (the production one, shared with export and inference) and training views.
-
-Production preprocessing, recorded next to every model so a model file is
-self-describing: decode -> grey (``channels=1``) or RGB (``channels=3``) -> resize so the
-shorter side is ``image_size`` (bilinear, antialiased) -> centre crop ``image_size`` ->
-scale to [0, 1] -> ``(x - mean) / std`` per channel.
+"""The production preprocessing in torch (its contract: :mod:`synermix.preprocessing`,
+recorded next to every model so a model file is self-describing) and the training views.
 
 Training gives two views of each image (see SYNERMIX.md): the un-augmented *eval* view
 for the intra-class pass and an *augmented* view for the inter-class pass. The default
@@ -13,40 +9,14 @@ flips, 90-degree rotations, a mild random crop, brightness and contrast.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 from PIL import Image
 from torchvision.transforms import v2
 
 from synermix.data.images import fit_square
+from synermix.preprocessing import RESIZE_POLICY, Preprocessing
 
-RESIZE_POLICY = "shorter_side_bilinear_center_crop"
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    image_size: int
-    channels: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    resize: str = RESIZE_POLICY
-
-    def to_dict(self) -> dict:
-        """JSON-ready (lists, not tuples), as stored in model.json and ONNX metadata."""
-        data = asdict(self)
-        data["mean"], data["std"] = list(self.mean), list(self.std)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Preprocessing:
-        return cls(
-            image_size=int(data["image_size"]),
-            channels=int(data["channels"]),
-            mean=tuple(float(v) for v in data["mean"]),
-            std=tuple(float(v) for v in data["std"]),
-            resize=str(data.get("resize", RESIZE_POLICY)),
-        )
+__all__ = ["RESIZE_POLICY", "Preprocessing", "build_augmentation", "load_resized", "normalize"]
 
 
 def load_resized(path, image_size: int, channels: int) -> torch.Tensor:

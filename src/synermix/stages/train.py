@@ -24,7 +24,7 @@ from synermix.paths import (
 )
 from synermix.stages.common import train_val_rows
 from synermix.tracking import flatten, mlflow_run, tracking_uri
-from synermix.training import check_training_inputs, save_trained_model, train_model
+from synermix.training import check_training_inputs, load_training_data, save_trained_model, train_model
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +107,9 @@ def run_train(params: Params, root: Path = Path(".")) -> dict:
         def log_epoch(row: dict) -> None:
             mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
 
+        data = load_training_data(train_rows, val_rows, root / PREPARED_DIR, names, train_params)
         result = train_model(
-            train_rows,
-            val_rows,
-            root / PREPARED_DIR,
+            data,
             names,
             train_params,
             params.seed,

@@ -13,7 +13,10 @@ from synermix.paths import EXPORT_DIR, EXPORT_METRICS, MODEL_DIR, ONNX_MODEL
 from synermix.stages.evaluate import run_evaluate
 from synermix.stages.export import run_export
 
-from .test_evaluate_stage import LAX
+from .test_evaluate import LAX
+
+# trains a model, starts a server or shells out (make test-unit leaves these out)
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture

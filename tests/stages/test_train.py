@@ -13,6 +13,9 @@ from synermix.stages.prepare import run_prepare
 from synermix.stages.train import run_train
 from synermix.training import load_trained_model
 
+# trains a model, starts a server or shells out (make test-unit leaves these out)
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture
 def stage_params(tmp_path, make_dataset, make_params, monkeypatch):

@@ -18,6 +18,9 @@ from synermix.errors import CheckFailed, UserError
 from synermix.paths import EVAL_DETAILS, EVAL_DIR, EVAL_METRICS, EVAL_REPORT, MODEL_DIR, PREPARED_DIR
 from synermix.stages.evaluate import run_evaluate
 
+# trains a model, starts a server or shells out (make test-unit leaves these out)
+pytestmark = pytest.mark.integration
+
 LAX = {  # gates every model passes, so a test can switch on the one it checks
     "min_accuracy": None,
     "min_macro_recall": None,
