@@ -23,7 +23,7 @@ import yaml
 from synermix.choices import MAX_PIXELS, PROVIDERS
 from synermix.config import load_params
 from synermix.errors import exit_on_user_error
-from synermix.paths import ONNX_MODEL
+from synermix.paths import ONNX_MODEL, PARAMS_FILE
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -35,7 +35,7 @@ def setup_logging(verbose: bool = False) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="synermix", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--params", default=str(PARAMS_FILE), help="params file (default: params.yaml)")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("params", help="check params.yaml and print the values in force")

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from synermix.choices import ARCHITECTURES, DEVICES, INTER_METHODS, MAX_PIXELS, METHODS, PROVIDERS
 from synermix.errors import UserError
-from synermix.paths import MLFLOW_DB, ONNX_MODEL, SHADOW_LOG
+from synermix.paths import MLFLOW_DB, ONNX_MODEL, PARAMS_FILE, SHADOW_LOG
 
 Severity = Literal["error", "warning", "off"]
 
@@ -632,8 +632,10 @@ def _describe(err: dict[str, Any], source: str) -> str:
         hint = f"did you mean '{close[0]}'? " if close else ""
         return f"{source}: unknown key '{key}': {hint}allowed here: {', '.join(allowed)}"
     msg = err["msg"].removeprefix("Value error, ")
-    if isinstance(value, str) and "://" in value and urlsplit(value).password:
-        value = value.replace(f":{urlsplit(value).password}@", ":***@", 1)  # never echo a password
+    if isinstance(value, str) and "://" in value:
+        from synermix.tracking import redact_uri  # (config is imported by the tracking layer)
+
+        value = redact_uri(value)  # never echo a password
     shown = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
     if err["type"] == "missing":
         return f"{source}: '{key}' is required"
@@ -655,7 +657,7 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
         raise UserError("\n".join(lines)) from None
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
     """Read and validate ``params.yaml``; a bad file raises :class:`UserError`."""
     path = Path(path)
     try:

@@ -36,6 +36,13 @@ class CheckFailed(UserError):
 F = TypeVar("F", bound=Callable[..., object])
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (else its type's name), for one-line errors
+    built around a library's multi-line message."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def exit_on_user_error(func: F) -> F:
     """Decorate an entry point so a :class:`UserError` ends the process cleanly."""
 

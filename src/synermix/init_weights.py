@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 import torch
 from torch import nn
 
-from synermix.errors import UserError
+from synermix.errors import UserError, first_line
 from synermix.models import build_model, torchvision_key_map
 from synermix.tracking import redact_uri
 
@@ -240,7 +240,7 @@ def _from_registry(spec: str, target: _Target, tracking_uri: str | None) -> Init
             _check_registered(spec, mv, meta, sha, target)
             state = _load_state_dict(weights_path, f"train.init {spec}")
     except MlflowException as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise UserError(
             f"train.init {spec}: the MLflow store {redact_uri(uri)} did not answer ({reason[:300]}); check "
             "MLFLOW_TRACKING_URI (or mlflow.tracking_uri) and that the store is up"

@@ -23,6 +23,8 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from synermix.paths import DVC_LOCK
+
 log = logging.getLogger(__name__)
 
 PIPELINE_KEY_ENV = "SYNERMIX_PIPELINE_KEY"
@@ -73,7 +75,7 @@ def dvc_lock_hashes(root: Path, before: str | None = None) -> dict[str, str]:
     """
     import yaml
 
-    path = root / "dvc.lock"
+    path = root / DVC_LOCK
     if not path.is_file():
         return {}
     try:

@@ -35,15 +35,21 @@ log = logging.getLogger(__name__)
 
 
 def redact_uri(uri: str) -> str:
-    """A store URI with its user and password hidden, for messages and model cards."""
+    """A URL with its password hidden (``postgresql://tuner:***@host/db``), for messages,
+    run tags and model cards: the one redaction helper (MLflow stores, tune.storage,
+    params errors)."""
     from urllib.parse import urlsplit, urlunsplit
 
-    parts = urlsplit(uri)
-    if parts.password or parts.username:
-        host = parts.hostname or ""
-        netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return uri
+    try:
+        parts = urlsplit(uri)
+        password = parts.password
+    except ValueError:  # not a URL urllib parses (a bad port): show the scheme only
+        return uri.split("://", 1)[0] + "://…"
+    if not password:
+        return uri
+    user = parts.username or ""
+    netloc = f"{user}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def tracking_uri(params: MlflowParams) -> str:

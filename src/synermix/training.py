@@ -36,7 +36,7 @@ from synermix.engine import (
     select_device,
     train_one_epoch,
 )
-from synermix.errors import UserError
+from synermix.errors import UserError, first_line
 from synermix.mixup import MixRandom, SynerMixLoss
 from synermix.models import SplitNet, build_model
 
@@ -128,7 +128,7 @@ def check_input_size(params: TrainParams, channels: int, num_classes: int) -> No
         with torch.no_grad():
             model(torch.zeros(1, channels, params.image_size, params.image_size))
     except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()[0]
+        reason = first_line(exc)
         raise UserError(
             f"train.image_size {params.image_size} is too small for {params.arch}"
             f"{'' if params.small_input_stem else ' (stride-32 stem)'}: {reason}; raise train.image_size"

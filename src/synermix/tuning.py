@@ -49,7 +49,8 @@ from optuna.trial import FrozenTrial, TrialState
 from synermix.config import PrunerParams, SearchSpace, TrainParams, TuneParams
 from synermix.data.splits import class_rng
 from synermix.engine import TrainingDiverged
-from synermix.errors import UserError
+from synermix.errors import UserError, first_line
+from synermix.tracking import redact_uri
 from synermix.training import TRAINING_CODE, TrainingData, train_model
 
 log = logging.getLogger(__name__)
@@ -88,16 +89,6 @@ optuna.logging.enable_propagation()
 
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def redact(url: str) -> str:
-    """A database URL with its password hidden, for logs and run tags."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL SQLAlchemy parses: show the scheme only
-        return url.split("://", 1)[0] + "://…"
 
 
 def cap_train_rows(rows: pd.DataFrame, max_per_class: int | None, seed: int) -> pd.DataFrame:
@@ -246,13 +237,13 @@ def open_storage(url: str, tune: TuneParams, attempts: int = 4) -> RDBStorage:
     except ImportError as exc:  # Optuna wraps the driver's ModuleNotFoundError
         missing = getattr(exc.__cause__, "name", None) or getattr(exc, "name", None) or "?"
         raise UserError(
-            f"tune.storage {redact(url)}: the database driver '{missing}' is not installed; "
+            f"tune.storage {redact_uri(url)}: the database driver '{missing}' is not installed; "
             "for PostgreSQL use postgresql://… (psycopg 3 is installed with synermix)"
         ) from None
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise UserError(
-            f"tune.storage {redact(url)}: cannot open the study database ({reason}); "
+            f"tune.storage {redact_uri(url)}: cannot open the study database ({reason}); "
             "check the server is running and reachable and the URL, user and password"
         ) from None
 

@@ -22,9 +22,7 @@ log = logging.getLogger(__name__)
 
 def train_val_rows(params: Params, root: Path) -> tuple[list[str], pd.DataFrame, pd.DataFrame, str]:
     """Class names, the usable train and val rows, and the manifest's sha256."""
-    manifest_path = root / MANIFEST
-    manifest = read_manifest(manifest_path)
-    usable = usable_rows(manifest, read_quarantine(root / QUARANTINE_CSV))
+    usable, manifest_sha = _usable(root)
     names = class_names(usable, params.data.classes)
     undeclared = usable[~usable["label"].isin(names)]
     if len(undeclared):
@@ -45,7 +43,14 @@ def train_val_rows(params: Params, root: Path) -> tuple[list[str], pd.DataFrame,
         raise CheckFailed(
             f"no training images for class(es) {', '.join(missing)}; add images or fix data.classes"
         )
-    return names, train_rows, val_rows, hashlib.sha256(manifest_path.read_bytes()).hexdigest()
+    return names, train_rows, val_rows, manifest_sha
+
+
+def _usable(root: Path) -> tuple[pd.DataFrame, str]:
+    """The manifest's rows that validate did not quarantine, and the manifest's sha256."""
+    manifest_path = root / MANIFEST
+    usable = usable_rows(read_manifest(manifest_path), read_quarantine(root / QUARANTINE_CSV))
+    return usable, hashlib.sha256(manifest_path.read_bytes()).hexdigest()
 
 
 def evaluation_rows(
@@ -56,15 +61,12 @@ def evaluation_rows(
     Refuses a model trained on another manifest: its test images may have been in its
     training split, and any score would flatter it.
     """
-    manifest_path = root / MANIFEST
-    manifest = read_manifest(manifest_path)
-    current = hashlib.sha256(manifest_path.read_bytes()).hexdigest()
+    usable, current = _usable(root)
     if trained_on and trained_on != current:
         raise UserError(
             f"{MODEL_DIR} was trained on another manifest (sha256 {trained_on[:12]}, now {current[:12]}): "
             "its scores on this test split would not be held-out; retrain first (dvc repro)"
         )
-    usable = usable_rows(manifest, read_quarantine(root / QUARANTINE_CSV))
     unknown = usable[~usable["label"].isin(class_names) & usable["split"].isin(["val", "test"])]
     if len(unknown):
         log.warning(

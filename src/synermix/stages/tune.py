@@ -42,6 +42,7 @@ from synermix.tracking import (
     experiment_id,
     flatten,
     mlflow_run,
+    redact_uri,
     stage_outcome,
     tracking_uri,
     tune_parent_run,
@@ -169,7 +170,7 @@ class _TuneInputs:
         log.info(
             "study %s in %s: %d trial(s) wanted, objective %s; %s",
             self.name,
-            tuning.redact(self.url),
+            redact_uri(self.url),
             tune.n_trials,
             tune.objective,
             self.budget_note,
@@ -212,7 +213,7 @@ def run_tune(params: Params, root: Path = Path(".")) -> dict:
         fresh = [Param(k, str(v)) for k, v in settings.items() if k not in existing and k not in budget]
         client.log_batch(parent, params=fresh)
         client.set_tag(parent, "n_trials", str(tune.n_trials))
-        client.set_tag(parent, "storage", tuning.redact(inputs.url))
+        client.set_tag(parent, "storage", redact_uri(inputs.url))
         client.set_tag(parent, "rerun_top_k", str(tune.rerun_top_k))
         client.set_tag(parent, "rerun_seeds", str(tune.rerun_seeds))
 
@@ -263,7 +264,7 @@ def _open_study(storage, name: str, params: Params, url: str, create: bool, wait
         except KeyError:
             if time.monotonic() > deadline:
                 raise UserError(
-                    f"no study {name} in {tuning.redact(url)} after {wait_seconds:g} s: start the main "
+                    f"no study {name} in {redact_uri(url)} after {wait_seconds:g} s: start the main "
                     "tune (dvc repro or synermix tune) first, with the same data and params here "
                     "(the study name hashes both)"
                 ) from None
