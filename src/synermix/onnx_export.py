@@ -64,6 +64,21 @@ def model_metadata(meta: dict[str, Any], exporter: str, opset: int, **extra: Any
     }
 
 
+#: node metadata the dynamo exporter writes that holds this machine's source paths
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
+
+
+def drop_source_paths(proto: onnx.ModelProto) -> None:
+    """Remove the exporter's per-node Python stack traces: they name files on the machine
+    that exported (its checkout and venv folders), which a model shipped to a line must not
+    carry, and they made the file's sha256 depend on the folder it was exported from."""
+    for node in proto.graph.node:
+        kept = [p for p in node.metadata_props if p.key != STACK_TRACE_KEY]
+        if len(kept) != len(node.metadata_props):
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
+
+
 def set_metadata(proto: onnx.ModelProto, metadata: dict[str, str]) -> None:
     del proto.metadata_props[:]
     for key, value in sorted(metadata.items()):
@@ -115,6 +130,7 @@ def export_onnx(
         else:
             raise ValueError(f"unknown exporter {exporter!r}")
         proto = onnx.load(str(raw))
+    drop_source_paths(proto)
     set_metadata(proto, metadata)
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, str(path), save_as_external_data=False)

@@ -13,6 +13,7 @@ from synermix.paths import EXPORT_DIR, EXPORT_METRICS, MODEL_DIR, ONNX_MODEL
 from synermix.stages.evaluate import run_evaluate
 from synermix.stages.export import run_export
 
+from ..helpers import REPO_ROOT
 from .test_evaluate import LAX
 
 # trains a model, starts a server or shells out (make test-unit leaves these out)
@@ -58,6 +59,10 @@ def test_export_writes_a_checked_self_describing_model_and_variants(project):
         info = ModelInfo.from_metadata({p.key: p.value for p in proto.metadata_props})
         assert info.class_names == meta["class_names"] == ["crack", "ok", "scratch"]
         assert info.extra["training_run_id"] == meta["mlflow_run_id"]
+        # no file of the exporting machine is named in the shipped model (the checkout, the venv)
+        for node in proto.graph.node:
+            for prop in node.metadata_props:
+                assert str(REPO_ROOT) not in prop.value and "site-packages" not in prop.value, prop.key
         assert info.extra["weights_sha256"] == meta["weights_sha256"] and info.extra["gates_passed"] is True
     onnx.checker.check_model(onnx.load(str(root / ONNX_MODEL)), full_check=True)
     assert (
