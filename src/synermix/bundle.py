@@ -41,8 +41,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from synermix import model_tags, registry
+from synermix.config import Params
 from synermix.errors import UserError
 from synermix.inference import DEFAULT_MAX_PIXELS, ModelInfo
+from synermix.tracking import client_for, redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -566,3 +569,106 @@ def render_model_card(
         ],
     )
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+# --- from the registry: the version a bundle is made of -------------------------------------
+
+
+def card_info(client: Any, name: str, mv: Any, alias: str | None, folder: Path) -> dict[str, Any]:
+    """What the bundle's model card and bundle.json say about a version, from its tags,
+    its recorded alias moves and the training metadata it carries."""
+    tags = dict(mv.tags or {})
+
+    def group(prefix: str) -> dict[str, str]:
+        return model_tags.group(tags, prefix)
+
+    gates = model_tags.gates_of(tags)
+    meta: dict[str, Any] = {}
+    files = registry.pytorch_files(folder)
+    if files is not None:
+        meta = json.loads((files / "model.json").read_text())
+    keys = (
+        "arch",
+        "width",
+        "method",
+        "inter_method",
+        "beta",
+        "epochs",
+        "selected_epoch",
+        "selected_by",
+        "seed",
+    )
+    training = {k: meta[k] for k in keys if meta.get(k) is not None}
+    init = meta.get("init") or {}
+    if init:
+        # where the starting weights came from: scratch, ImageNet, a file or a registered model
+        training["init"] = init.get("spec", "")
+        training["init_source"] = init.get("source", "")
+        if init.get("sha256"):
+            training["init_sha256"] = init["sha256"]
+    if meta.get("tuned"):
+        training["tuned"] = meta["tuned"]
+    aliases = sorted(a for a, v in registry.aliases_of(client, name).items() if v == str(mv.version))
+    lineage_keys = ("git_commit", "git_dirty", *[k for k in tags if k.endswith("_run_id")])
+    return {
+        "model_name": name,
+        "version": str(mv.version),
+        "alias": alias or "",
+        "aliases": aliases,
+        "created_at": datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).strftime(
+            "%Y-%m-%dT%H:%M:%SZ"
+        ),
+        "model_uri": f"models:/{name}/{mv.version}",
+        "tracking_uri": redact_uri(client.tracking_uri),
+        "description": mv.description or "",
+        "gates_passed": tags.get(model_tags.GATES_PASSED, ""),
+        "metrics": {k: float(v) for k, v in group(model_tags.METRIC_PREFIX).items()},
+        "gates": gates,
+        "pilot": group(model_tags.PILOT_PREFIX) or None,
+        "data": {"manifest_sha256": tags.get("manifest_sha256", ""), "classes": tags.get("classes", "")},
+        "training": training,
+        "lineage": {
+            **{k: tags[k] for k in lineage_keys if k in tags},
+            "dvc_lock": group(model_tags.DVC_LOCK_PREFIX),
+        },
+        "onnx": {
+            "sha256": tags.get(model_tags.ONNX_SHA256, ""),
+            "opset": tags.get("onnx_opset", ""),
+            "exporter": tags.get("onnx_exporter", ""),
+            "parity_max_abs_diff": tags.get("parity_max_abs_diff", ""),
+        },
+        "alias_history": [
+            m.to_dict() for m in registry.alias_history(client, name) if m.version == str(mv.version)
+        ],
+    }
+
+
+def bundle_version(
+    params: Params, out: Path, alias: str | None = "production", version: str | None = None
+) -> dict:
+    """``synermix bundle``: a deploy bundle of the registered version holding ``alias`` (or
+    ``version``), its model card filled from the version's tags (:func:`card_info`)."""
+    from synermix.rollout import holder
+
+    client = client_for(params)
+    name = params.registry.model_name
+    if version is None:
+        version = holder(client, name, alias or "production", "version to bundle")
+        label = f"{name}@{alias} (version {version})"
+    else:
+        alias, label = None, f"{name} version {version}"
+    mv = registry.get_version(client, name, version)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = registry.download_version(client, name, str(version), Path(tmp))
+        sources = {"model.onnx": folder / "model.onnx"}
+        sources |= {
+            n: folder / "extra_files" / n for n in MODEL_FILES[1:] if (folder / "extra_files" / n).is_file()
+        }
+        if not sources["model.onnx"].is_file():
+            raise UserError(
+                f"{label} holds no model.onnx: only versions from the register stage can be bundled"
+            )
+        info = card_info(client, name, mv, alias, folder)
+        write_bundle(sources, out, info)
+    log.info("bundle of %s written to %s (check it with: cd %s && sha256sum -c SHA256SUMS)", label, out, out)
+    return {"out": str(out), "version": str(version), "alias": alias or "", "files": sorted(sources)}

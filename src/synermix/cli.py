@@ -204,6 +204,7 @@ def _rollout(args: argparse.Namespace, params) -> int:
     from mlflow.exceptions import MlflowException
 
     from synermix import pilot, rollout
+    from synermix.bundle import bundle_version
     from synermix.errors import UserError
     from synermix.tracking import redact_uri, tracking_uri
 
@@ -227,7 +228,7 @@ def _rollout(args: argparse.Namespace, params) -> int:
             _say(json.dumps(report, indent=2) if args.json else rollout.format_status(report))
         elif args.command == "bundle":
             version = args.version
-            rollout.bundle(params, args.out, None if version else args.alias, version)
+            bundle_version(params, args.out, None if version else args.alias, version)
             _say(f"bundle written to {args.out}")
     except MlflowException as exc:
         raise UserError(
