@@ -28,10 +28,6 @@ class RegistrySpec:
     alias: str | None = None
     version: str | None = None
 
-    @property
-    def uri(self) -> str:
-        return f"{REGISTRY_SCHEME}{self.name}" + (f"@{self.alias}" if self.alias else f"/{self.version}")
-
 
 def is_registry(spec: str) -> bool:
     return spec.startswith(REGISTRY_SCHEME)

@@ -127,7 +127,7 @@ def pilot_eval(
     table.insert(1, "label", labels)
     summary["at"] = registry.now_utc()
     summary["by"] = registry.identity(by)
-    summary["run_id"] = _log_pilot_run(params, summary, table)
+    summary["run_id"] = _log_pilot_run(params, client, summary, table)
     _tag_evidence(client, name, str(version), summary)
     return summary
 
@@ -163,9 +163,9 @@ def _evidence_hash(files: list[tuple[Path, str]]) -> str:
     return digest.hexdigest()
 
 
-def _log_pilot_run(params: Params, summary: dict, table) -> str:
+def _log_pilot_run(params: Params, client: Any, summary: dict, table) -> str:
     uri = tracking_uri(params.mlflow)
-    experiment = experiment_id(client_for(params), params.mlflow)
+    experiment = experiment_id(client, params.mlflow)
     tags = {
         **git_state(),
         "stage": "pilot-eval",

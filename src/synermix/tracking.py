@@ -265,22 +265,21 @@ def experiment_id(store: Any, params: MlflowParams) -> str:
 
     from synermix.errors import UserError
 
-    for _ in range(2):
-        found = store.get_experiment_by_name(params.experiment)
-        if found is not None:
-            if found.lifecycle_stage == "deleted":
-                where = redact_uri(store.tracking_uri)
-                raise UserError(
-                    f"MLflow experiment '{params.experiment}' is deleted in {where}: "
-                    "restore it (mlflow experiments restore) or set mlflow.experiment to another name"
-                )
-            return found.experiment_id
+    found = store.get_experiment_by_name(params.experiment)
+    if found is None:
         try:
             return store.create_experiment(params.experiment)
         except MlflowException as exc:
             if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
                 raise
-    return store.get_experiment_by_name(params.experiment).experiment_id
+        found = store.get_experiment_by_name(params.experiment)  # another process created it
+    if found.lifecycle_stage == "deleted":
+        where = redact_uri(store.tracking_uri)
+        raise UserError(
+            f"MLflow experiment '{params.experiment}' is deleted in {where}: "
+            "restore it (mlflow experiments restore) or set mlflow.experiment to another name"
+        )
+    return found.experiment_id
 
 
 def tune_parent_run(client: Any, experiment: str, study: str, tags: Mapping[str, str]) -> str:
