@@ -182,6 +182,13 @@ def main() -> None:
         "with trial settings, one seed each, for the trial objective's seed spread",
     )
     parser.add_argument(
+        "--full-seed-repeats",
+        type=int,
+        default=0,
+        help="also train the fixed config this many times with full settings, one seed each, "
+        "for the full objective's seed spread (what a difference between configs must beat)",
+    )
+    parser.add_argument(
         "--max-per-class-full",
         type=int,
         default=None,
@@ -205,15 +212,27 @@ def main() -> None:
         raise UserError(
             f"--configs {args.configs}: give at least 3 (8 or more for a rank correlation to mean much)"
         )
-    if args.seed_repeats < 0 or (args.max_per_class_full is not None and args.max_per_class_full < 1):
-        raise UserError("--seed-repeats must be >= 0 and --max-per-class-full >= 1")
+    if (
+        args.seed_repeats < 0
+        or args.full_seed_repeats < 0
+        or (args.max_per_class_full is not None and args.max_per_class_full < 1)
+    ):
+        raise UserError("--seed-repeats and --full-seed-repeats must be >= 0 and --max-per-class-full >= 1")
     if args.configs < 8:
         log.warning("--configs %d: fewer than 8 configurations give a rough rank correlation", args.configs)
 
     raw = load_params(args.params).model_dump(mode="json", by_alias=True)
     params: Params = parse_params(apply_overrides(raw, args.set), f"{args.params} with --set")
     root = Path(args.root)
-    report = run_bench(params, root, args.configs, args.seed_repeats, args.max_per_class_full, Path(args.out))
+    report = run_bench(
+        params,
+        root,
+        args.configs,
+        args.seed_repeats,
+        args.max_per_class_full,
+        Path(args.out),
+        full_seed_repeats=args.full_seed_repeats,
+    )
     _log_report(report)
 
 
@@ -224,6 +243,8 @@ def run_bench(
     seed_repeats: int,
     max_per_class_full: int | None,
     out: Path,
+    *,
+    full_seed_repeats: int = 0,
 ) -> dict[str, Any]:
     """Train every config twice (trial and full settings), the fixed config with every
     seed; return (and store in ``out``) the rows, the rank correlation and the spread."""
@@ -237,7 +258,7 @@ def run_bench(
     for needed in (PREPARED_DIR, QUARANTINE_CSV):
         if not (root / needed).exists():
             raise UserError(f"{root / needed} is missing: run `dvc repro prepare validate` first")
-    tune, seed = params.tune, params.seed
+    tune, seed = params.tune, params.tune_seed
     names, train_rows, val_rows, manifest_sha = train_val_rows(params, root)
     trial_rows = cap_train_rows(train_rows, tune.max_per_class, seed)
     full_rows = cap_train_rows(train_rows, max_per_class_full, seed) if max_per_class_full else train_rows
@@ -252,10 +273,12 @@ def run_bench(
     configs = configurations(tune.space, n_configs, seed)
     fixed = fixed_configuration(tune.space, params.train)
     repeat_seeds = [seed, *rerun_seeds(seed, seed_repeats - 1)] if seed_repeats else []
+    full_seeds = [seed, *rerun_seeds(seed, full_seed_repeats - 1)] if full_seed_repeats else []
     jobs: list[tuple[str, dict[str, Any], int]] = [
         (kind, c, seed) for c in configs for kind in ("trial", "full")
     ]
     jobs += [("trial", fixed, s) for s in repeat_seeds]
+    jobs += [("full", fixed, s) for s in full_seeds]
 
     cache = RunCache(out)
     cache.data["settings"] = {
@@ -341,18 +364,20 @@ def run_bench(
         "trial_best_full_rank": full_rank,
         "trial_objective_std_across_configs": round(float(np.std(trial_values, ddof=1)), 6),
     }
-    if repeat_seeds:
-        repeats = results[2 * len(configs) :]
-        values = [r["objective"] for r in repeats]
-        report["seed_repeats"] = {
-            "values": fixed,
-            "seeds": repeat_seeds,
-            "objectives": values,
-            "mean": round(float(np.mean(values)), 6),
-            "std": round(float(np.std(values, ddof=1)), 6) if len(values) > 1 else None,
-            "min": min(values),
-            "max": max(values),
-        }
+    start = 2 * len(configs)
+    for key, seeds in (("seed_repeats", repeat_seeds), ("full_seed_repeats", full_seeds)):
+        if seeds:
+            values = [r["objective"] for r in results[start : start + len(seeds)]]
+            start += len(seeds)
+            report[key] = {
+                "values": fixed,
+                "seeds": seeds,
+                "objectives": values,
+                "mean": round(float(np.mean(values)), 6),
+                "std": round(float(np.std(values, ddof=1)), 6) if len(values) > 1 else None,
+                "min": min(values),
+                "max": max(values),
+            }
     cache.data["report"] = report
     cache.save()
     return report
@@ -386,13 +411,14 @@ def _log_report(report: dict[str, Any]) -> None:
         f"{report['trial_best_full_rank']} of {len(rows)} by full objective; the trial objective's "
         f"std across configs is {_fmt(report['trial_objective_std_across_configs'])}"
     )
-    repeats = report.get("seed_repeats")
-    if repeats:
-        emit(
-            f"Seed spread at {repeats['values']}: {len(repeats['seeds'])} seeds, trial objective "
-            f"mean {_fmt(repeats['mean'])} ± {_fmt(repeats['std'])} (min {_fmt(repeats['min'])}, "
-            f"max {_fmt(repeats['max'])}): {', '.join(_fmt(v) for v in repeats['objectives'])}"
-        )
+    for key, kind in (("seed_repeats", "trial"), ("full_seed_repeats", "full")):
+        repeats = report.get(key)
+        if repeats:
+            emit(
+                f"Seed spread at {repeats['values']}: {len(repeats['seeds'])} seeds, {kind} objective "
+                f"mean {_fmt(repeats['mean'])} ± {_fmt(repeats['std'])} (min {_fmt(repeats['min'])}, "
+                f"max {_fmt(repeats['max'])}): {', '.join(_fmt(v) for v in repeats['objectives'])}"
+            )
 
 
 if __name__ == "__main__":

@@ -624,3 +624,39 @@ def test_two_workers_share_one_study_on_postgresql(project, postgres_url):
     assert len({json.dumps(t.params, sort_keys=True) for t in trials if is_counted(t)}) == 8
     best = yaml.safe_load((root / BEST_PARAMS).read_text())
     assert best["study"] == name and json.loads((root / TUNE_METRICS).read_text())["trials"] == 8
+
+
+def test_tune_seed_reruns_the_search_on_the_same_splits(project, monkeypatch):
+    """tune.seed gives the search its own random source: trials and re-runs train with it,
+    the study is another one, and prepare's splits (the top-level seed) are untouched;
+    a tune.seed equal to the top-level seed is the same study as null."""
+    from synermix import tuning
+    from synermix.stages.tune import _TuneInputs
+
+    root, photos = project
+    base = tune_params(photos)
+    same = tune_params(photos, seed=base.seed)
+    other = tune_params(photos, seed=7, n_trials=2, rerun_top_k=1, rerun_seeds=1, pruner={"kind": "none"})
+    assert base.tune_seed == same.tune_seed == base.seed and other.tune_seed == 7
+    assert _TuneInputs.read(same, root).name == _TuneInputs.read(base, root).name
+    inputs = _TuneInputs.read(other, root)
+    assert inputs.name != _TuneInputs.read(base, root).name
+    # the trial image cap follows the search's seed; the train and val rows do not move
+    assert inputs.trial_rows["path"].tolist() == cap_train_rows(inputs.train_rows, 12, 7)["path"].tolist()
+    assert (
+        inputs.trial_rows["path"].tolist()
+        != cap_train_rows(inputs.train_rows, 12, base.seed)["path"].tolist()
+    )
+    assert inputs.val_rows["path"].tolist() == _TuneInputs.read(base, root).val_rows["path"].tolist()
+
+    real_train = tuning.train_model
+    seeds: list[int] = []
+
+    def train_model(*args, **kwargs):
+        seeds.append(args[3])  # (data, class_names, params, seed)
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(tuning, "train_model", train_model)
+    run_tune(other, root)
+    assert seeds == [7, 7, *rerun_seeds(7, 1)]
+    assert yaml.safe_load((root / BEST_PARAMS).read_text())["seeds"] == [7, *rerun_seeds(7, 1)]

@@ -358,6 +358,9 @@ class TuneParams(_Section):
     #: rerun_seeds more seeds each, and choose the values with the best mean over the seeds
     rerun_top_k: Annotated[int, Field(ge=0, le=1000)] = 3
     rerun_seeds: Annotated[int, Field(le=100)] = 2
+    #: the search's own random source (sampler, trial seeds, the trial image cap, re-run
+    #: seeds); null: the top-level seed. Another value re-runs the search on the same splits.
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = None
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
 
@@ -587,6 +590,11 @@ class Params(_Section):
     mlflow: MlflowParams = Field(default_factory=MlflowParams)
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
+
+    @property
+    def tune_seed(self) -> int:
+        """The beta search's seed: tune.seed, or the top-level seed when that is null."""
+        return self.seed if self.tune.seed is None else self.tune.seed
 
     @model_validator(mode="after")
     def _tune_fits_train(self) -> Params:

@@ -77,6 +77,7 @@ _NOT_TRIAL_AFFECTING = (
     "max_retry",
     "rerun_top_k",
     "rerun_seeds",
+    "seed",  # the effective seed (tune.seed or the top-level one) is hashed on its own
 )
 #: tuning.py holds only what trials compute (tables and plots live in tune_report.py)
 _CODE = ("tuning.py", *TRAINING_CODE)

@@ -112,13 +112,15 @@ class _TuneInputs:
     def read(cls, params: Params, root: Path) -> _TuneInputs:
         tune = params.tune
         names, train_rows, val_rows, manifest_sha = train_val_rows(params, root)
-        trial_rows = tuning.cap_train_rows(train_rows, tune.max_per_class, params.seed)
+        trial_rows = tuning.cap_train_rows(train_rows, tune.max_per_class, params.tune_seed)
         base = tuning.trial_base(params.train, tune)
         # bad class weights, input size or starting weights stop before the study is opened, and
         # the starting weights are read once for every trial and re-run, not once per trial
         channels = infer_channels(trial_rows) if base.channels == "auto" else int(base.channels)
         init = check_training_inputs(base, names, channels, tracking_uri(params.mlflow))
-        name = tuning.study_name(root / PREPARED_DIR, trial_rows, val_rows, names, params.seed, base, tune)
+        name = tuning.study_name(
+            root / PREPARED_DIR, trial_rows, val_rows, names, params.tune_seed, base, tune
+        )
         (root / TUNE_STATE_DIR).mkdir(parents=True, exist_ok=True)
         url = tuning.storage_url(tune, root / TUNE_DB)
         budget_note = (
@@ -156,7 +158,7 @@ class _TuneInputs:
             study,
             params.tune,
             self.base,
-            params.seed,
+            params.tune_seed,
             self.names,
             None if complete else load_data(),
             root / TUNE_TRIALS_DIR / self.name,
@@ -202,7 +204,7 @@ def run_tune(params: Params, root: Path = Path(".")) -> dict:
         # params are write-once in MLflow: log the settings a resumed study has not seen yet;
         # the budget (it may grow) and the storage URL (it may hold a password) become tags
         existing = client.get_run(parent).data.params
-        settings = flatten({"seed": params.seed, "tune": tune.model_dump(mode="json")})
+        settings = flatten({"seed": params.tune_seed, "tune": tune.model_dump(mode="json")})
         budget = (
             "tune.n_trials",
             "tune.timeout_minutes",
@@ -220,7 +222,7 @@ def run_tune(params: Params, root: Path = Path(".")) -> dict:
         state = done if complete else tuner.run([trial_logger], wait_for_others=True)
         _log_missing_trial_runs(study, client, experiment, parent, trial_logger)
         counted = tuning.counted_trials(study.get_trials(deepcopy=False), tune.n_trials)
-        candidates = tuning.rerun_top(study, counted, tune, params.seed, tuner.rerun)
+        candidates = tuning.rerun_top(study, counted, tune, params.tune_seed, tuner.rerun)
         if not state.waiting and not state.running:  # no retry left to resume from a checkpoint
             shutil.rmtree(root / TUNE_TRIALS_DIR / name, ignore_errors=True)
         return _write_tune_outputs(
@@ -260,7 +262,7 @@ def _open_study(storage, name: str, params: Params, url: str, create: bool, wait
     deadline = time.monotonic() + wait_seconds
     while True:
         try:
-            return tuning.open_study(storage, name, params.seed, params.tune, create=create)
+            return tuning.open_study(storage, name, params.tune_seed, params.tune, create=create)
         except KeyError:
             if time.monotonic() > deadline:
                 raise UserError(
@@ -318,7 +320,7 @@ def _write_tune_outputs(
             f"no trial of study {name} completed ({states}): widen tune.space, relax tune.pruner "
             f"or raise tune.n_trials; the trials are in {TUNE_TABLES['trials']}"
         )
-    importances = tune_report.param_importances(counted, params.seed)
+    importances = tune_report.param_importances(counted, params.tune_seed)
     metrics = tune_report.summary_metrics(counted, best, tune.epochs)
     reruns = tune_report.rerun_table(candidates, tune.space.searched())
     paths = tune_report.write_tables(root / TUNE_PLOTS_DIR, table, history, importances, reruns)
