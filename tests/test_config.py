@@ -66,6 +66,10 @@ def test_typo_in_nested_rule_key():
         ({"train": {"batch_size": 1}}, "train.batch_size = 1", "greater than or equal to 2"),
         ({"train": {"channels": 2}}, "train.channels = 2", "'auto', 1 or 3"),
         ({"mlflow": {"tracking_uri": "file:./mlruns"}}, "mlflow.tracking_uri", "file store is not supported"),
+        ({"serve": {"poll_seconds": float("inf")}}, "serve.poll_seconds", "finite number"),
+        ({"serve": {"body_timeout_s": 0}}, "serve.body_timeout_s = 0", "greater than 0"),
+        ({"serve": {"allowed_hosts": [""]}}, "serve.allowed_hosts", "at least 1 character"),
+        ({"tune": {"seed": -1}}, "tune.seed = -1", "greater than or equal to 0"),
     ],
 )
 def test_bad_values_name_key_value_and_what_is_allowed(raw, key, fragment):
@@ -131,3 +135,25 @@ def test_cli_params_prints_resolved_values():
 def test_yaml_style_exponent_is_read_as_a_number():
     # PyYAML reads 5e-4 (no dot) as a string; the train section accepts it as the number it means
     assert parse_params({"train": {"weight_decay": "5e-4"}}).train.weight_decay == 5e-4
+
+
+def test_a_key_given_twice_deep_nesting_and_a_huge_file_are_refused(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second gates: block silently switched
+    enforce off. A 5000-deep list overflowed the stack; a 50 MB file took 95 s."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("gates:\n  enforce: true\nseed: 1\ngates:\n  enforce: false\n")
+    with pytest.raises(UserError, match=r"key 'gates' appears twice in one mapping \(line 4\)"):
+        load_params(twice)
+    inner = tmp_path / "inner.yaml"
+    inner.write_text("gates:\n  enforce: true\n  enforce: false\n")
+    with pytest.raises(UserError, match="key 'enforce' appears twice"):
+        load_params(inner)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("seed: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(UserError, match="nested more than 32 levels"):
+        load_params(deep)
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("# " + "x" * (2 * 2**20) + "\n")
+    with pytest.raises(UserError, match="is not a params file"):
+        load_params(huge)
+    assert load_params(REPO_ROOT / "params.yaml").seed == 123  # the project's own file still reads

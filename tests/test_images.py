@@ -1,10 +1,11 @@
 import io
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from synermix.data.images import canonicalise, encode_png, inspect_image, resize_shorter_side
+from synermix.data.images import canonicalise, decode_bytes, encode_png, inspect_image, resize_shorter_side
 
 from .helpers import huge_png_header, noise_image, png_bytes
 
@@ -118,3 +119,60 @@ def test_resize_shorter_side_keeps_aspect_ratio():
 def test_png_encoding_is_deterministic():
     image = noise_image(7, mode="RGB")
     assert encode_png(image) == encode_png(image.copy())
+
+
+def test_a_long_thin_header_is_refused_before_decoding():
+    """Resizing scales the shorter side up to the model's input: 1 x 250,000 px in a 74-byte
+    file would allocate gigabytes. The header's aspect ratio refuses it undecoded."""
+    info = inspect_image(huge_png_header(1, 250_000), LIMIT)
+    assert not info.decodable and "more than 20 times the other" in info.error
+    assert (info.width, info.height) == (1, 250_000)
+    assert inspect_image(png_bytes(noise_image(2, size=(200, 10))), LIMIT).decodable  # 20:1 is fine
+    assert not inspect_image(png_bytes(noise_image(2, size=(201, 10))), LIMIT).decodable
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "EPS", "PPM", "TGA"])
+def test_formats_the_project_does_not_read_never_reach_a_decoder(fmt):
+    image = noise_image(4, mode="L" if fmt != "EPS" else "RGB")
+    buffer = io.BytesIO()
+    try:
+        image.save(buffer, format=fmt)
+    except OSError:  # EPS writing needs nothing, but keep the test honest on odd builds
+        pytest.skip(f"Pillow cannot write {fmt} here")
+    info = inspect_image(buffer.getvalue(), LIMIT)
+    assert not info.decodable and "not an image file of a format read here" in info.error
+
+
+def test_describe_false_skips_the_manifest_fields_and_keeps_the_pixels():
+    data = png_bytes(noise_image(5))
+    full, bare = inspect_image(data, LIMIT), inspect_image(data, LIMIT, describe=False)
+    assert bare.decodable and bare.content_sha256 == "" and bare.mean_intensity != bare.mean_intensity
+    assert bare.image.tobytes() == full.image.tobytes() and full.content_sha256
+
+
+def test_reserve_is_held_while_the_pixels_decode_and_can_refuse():
+    seen = []
+
+    @contextmanager
+    def reserve(width, height, mode):
+        seen.append((width, height, mode, decode_bytes(width, height, mode)))
+        yield
+
+    assert inspect_image(png_bytes(noise_image(6, size=(40, 30))), LIMIT, reserve=reserve).decodable
+    assert seen == [(40, 30, "L", 40 * 30 * 2)]
+
+    @contextmanager
+    def refuse(width, height, mode):
+        raise ValueError("no room")
+        yield
+
+    with pytest.raises(ValueError, match="no room"):  # the caller's refusal reaches the caller
+        inspect_image(png_bytes(noise_image(6)), LIMIT, reserve=refuse)
+
+
+def test_a_phones_multi_picture_jpeg_still_opens():
+    image = noise_image(7, mode="RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, format="MPO", save_all=True, append_images=[image])
+    info = inspect_image(buffer.getvalue(), LIMIT)
+    assert info.decodable and info.format == "MPO"

@@ -25,7 +25,7 @@ from synermix.bundle import verify_bundle, write_bundle
 from synermix.cli import main
 from synermix.data.transforms import Preprocessing
 from synermix.inference import Classifier, read_files
-from synermix.serve import ServeSettings, Service, create_app
+from synermix.serve import ServeSettings, Service, create_app, uvicorn_config
 
 from .helpers import huge_png_header, noise_image, png_bytes
 from .test_bundle import CLASSES, TinyNet
@@ -88,9 +88,7 @@ def serving(model: str, **options):
     settings = ServeSettings(model=model, port=free_port(), **options)
     service = Service(settings)
     service.start()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(service), host="127.0.0.1", port=settings.port, log_level="warning")
-    )
+    server = uvicorn.Server(uvicorn_config(create_app(service), settings))  # as `synermix serve`
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -428,3 +426,154 @@ def test_shadow_with_another_input_size_decodes_the_image_its_own_way(bundles, t
     assert not service.metrics.registry.get_sample_value(
         "synermix_shadow_comparisons_total", {"agree": "error"}
     )
+
+
+# --------------------------------------------------------------------------- hostile traffic
+def raw_exchange(port: int, data: bytes, wait: float = 10.0) -> bytes:
+    """Send ``data`` on a fresh connection and read until the server closes it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as conn:
+        if data:
+            conn.sendall(data)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    return answer
+
+
+def status_of(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else 0
+
+
+def test_a_tiny_file_declaring_a_long_thin_image_is_refused_before_decoding(bundles):
+    """1 x 250,000 px in 74 bytes used to cost 13 s and 1.6 GiB: fit_square scaled the
+    short side up. Now the header's aspect ratio refuses it, and the budget bounds the rest."""
+    with serving(str(bundles["a"]), provider="cpu", poll_seconds=0, decode_memory_bytes=2**20) as (client, _):
+        started = time.monotonic()
+        code, answer = client.predict(huge_png_header(1, 250_000))
+        assert code == 422 and "more than 20 times the other" in answer["error"]
+        code, answer = client.predict(huge_png_header(1, 33_000_000))
+        assert code == 422, answer
+        assert time.monotonic() - started < 5  # refused from the header: no decode at all
+        # within the pixel limit but past the decode budget (1 MiB): refused, named
+        code, answer = client.predict(png_bytes(noise_image(3, size=(600, 600), mode="RGB")))
+        assert code == 422 and "serve.decode_memory_mb" in answer["error"]
+        assert client.predict(images(1)[0][1])[0] == 200
+
+
+def test_framing_tricks_and_an_unknown_host_are_refused(bundles):
+    with serving(str(bundles["a"]), provider="cpu", poll_seconds=0, max_request_bytes=60_000) as (client, _):
+        port = client.port
+        body = b"5\r\nhello\r\n0\r\n\r\n"
+        both = (
+            f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: image/png\r\n"
+            f"Content-Length: 10\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ).encode() + body
+        answer = raw_exchange(port, both)
+        assert status_of(answer) == 400 and b"no Transfer-Encoding" in answer
+        chunked = (
+            f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: image/png\r\n"
+            f"Transfer-Encoding: chunked\r\n\r\n"
+        ).encode() + body
+        assert status_of(raw_exchange(port, chunked)) == 411
+        two_lengths = (
+            f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: image/png\r\n"
+            f"Content-Length: 5\r\nContent-Length: 5\r\n\r\nhello"
+        ).encode()
+        assert status_of(raw_exchange(port, two_lengths)) in (400, 422)
+        evil = client.request("GET", "/metrics", headers={"Host": "evil.example:8080"})
+        assert evil[0] == 421 and "serve.allowed_hosts" in evil[1]["error"]
+        assert client.request("GET", "/readyz", headers={"Host": "localhost"})[0] == 200
+        assert client.predict(images(1)[0][1])[0] == 200  # still serving
+
+
+def test_slow_and_idle_clients_are_cut_off_and_connections_are_limited(bundles):
+    options = {"header_timeout": 1.0, "body_timeout": 1.0, "idle_timeout": 1.0, "max_connections": 4}
+    with serving(str(bundles["a"]), provider="cpu", poll_seconds=0, **options) as (client, _):
+        port = client.port
+        started = time.monotonic()
+        # connects and says nothing; then half a request line, then headers without their end
+        assert status_of(raw_exchange(port, b"")) == 408
+        assert status_of(raw_exchange(port, b"POST /v1/pre")) == 408
+        slow_headers = f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n".encode()
+        assert status_of(raw_exchange(port, slow_headers)) == 408
+        # the headers, then half the body it announced
+        good = images(1)[0][1]
+        head = (
+            f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: image/png\r\n"
+            f"Content-Length: {len(good)}\r\n\r\n"
+        ).encode()
+        answer = raw_exchange(port, head + good[: len(good) // 2])
+        assert status_of(answer) == 408 and b"body did not arrive" in answer
+        assert time.monotonic() - started < 12  # each cut within its deadline, not hanging
+        # an idle keep-alive connection is closed after idle_timeout
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+            first = conn.recv(65536)
+            assert status_of(first) == 200
+            conn.settimeout(5)
+            assert conn.recv(65536) == b""  # closed by the server, no second answer
+        # at most 4 open connections: the 5th is answered 503 and closed
+        held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(4)]
+        try:
+            time.sleep(0.2)
+            assert status_of(raw_exchange(port, b"")) == 503
+        finally:
+            for conn in held:
+                conn.close()
+        time.sleep(0.2)
+        assert client.predict(good)[0] == 200
+
+
+def test_a_model_that_loads_but_cannot_run_is_never_swapped_in(bundles, tmp_path):
+    """Metadata 32 px over a 16 px graph used to load, then answer every request 500 while
+    /readyz said ready. The smoke run at load refuses it; the old model keeps serving, and
+    a refused model is tried again after a back-off."""
+    import onnx
+
+    from synermix.serve import ModelSlot
+
+    model = tmp_path / "model.onnx"
+    shutil.copy(bundles["a"] / "model.onnx", model)
+    with serving(str(model), provider="cpu", poll_seconds=0) as (client, service):
+        good = images(1)[0][1]
+        assert client.predict(good)[0] == 200
+        proto = onnx.load(str(model))
+        meta = next(p for p in proto.metadata_props if p.key == "synermix")
+        data = json.loads(meta.value)
+        data["preprocessing"]["image_size"] = 32
+        meta.value = json.dumps(data)
+        broken = tmp_path / "broken.onnx"
+        onnx.save(proto, str(broken))
+        os.replace(broken, model)
+        ModelSlot.RETRY_SECONDS = (0.3, 1.0)
+        try:
+            assert service.primary.check() is False
+            assert "does not run on the input its metadata declares" in service.primary.last_error
+            assert service.primary.check() is False  # within the back-off: not loaded again
+            failures = service.metrics.reloads.labels("primary", "failed")._value.get()
+            time.sleep(0.4)
+            assert service.primary.check() is False  # after it: tried again, refused again
+            assert service.metrics.reloads.labels("primary", "failed")._value.get() == failures + 1
+        finally:
+            ModelSlot.RETRY_SECONDS = (5.0, 600.0)
+        assert client.request("GET", "/readyz")[0] == 200
+        assert client.predict(good)[0] == 200
+
+
+def test_inference_failure_answers_503_and_takes_readiness_down(bundles):
+    with serving(str(bundles["a"]), provider="cpu", poll_seconds=0) as (client, service):
+        good = images(1)[0][1]
+        classifier = service.primary.current.classifier
+        real = classifier.probabilities
+
+        def failing(batch):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        classifier.probabilities = failing
+        code, answer = client.predict(good)
+        assert code == 503 and "failed at inference" in answer["error"]
+        code, answer = client.request("GET", "/readyz")
+        assert code == 503 and "illegal memory access" in answer["error"]
+        classifier.probabilities = real
+        assert client.predict(good)[0] == 200  # a run that succeeds makes it ready again
+        assert client.request("GET", "/readyz")[0] == 200

@@ -24,3 +24,11 @@ PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
 #: Decompression-bomb guard: the most pixels an image may decode to (``data.max_pixels``,
 #: ``serve.max_pixels``, ``--max-pixels``).
 MAX_PIXELS = 40_000_000
+#: The longest side may be at most this many times the shorter one: resizing scales the
+#: shorter side up to the model's input, so a tiny file declaring 1 x 250,000 pixels would
+#: otherwise allocate gigabytes (``data/images.inspect_image``).
+MAX_ASPECT_RATIO = 20
+#: The image formats the project reads, by content (Pillow's names; a phone's multi-picture
+#: JPEG opens through JPEG). Nothing else reaches a decoder: Pillow would otherwise open
+#: EPS through Ghostscript, PSD, FITS and others from an uploaded file.
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")

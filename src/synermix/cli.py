@@ -171,6 +171,18 @@ def _serve_parser(sub) -> None:
     serve.add_argument("--provider", choices=PROVIDERS)
     serve.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
     serve.add_argument("--max-pixels", type=int, help="decompression-bomb guard (default: 40000000)")
+    serve.add_argument("--decode-memory-mb", type=float, help="memory all decodes in flight may take")
+    serve.add_argument("--header-timeout-s", type=float, help="request headers must arrive within this")
+    serve.add_argument("--body-timeout-s", type=float, help="a request body must arrive within this")
+    serve.add_argument("--idle-timeout-s", type=float, help="idle keep-alive connections close after this")
+    serve.add_argument("--max-connections", type=int, help="open connections at most (more: 503)")
+    serve.add_argument(
+        "--allowed-host",
+        dest="allowed_hosts",
+        action="append",
+        metavar="NAME",
+        help="a Host header name to serve (repeatable; '*': any)",
+    )
 
 
 def _serve(args: argparse.Namespace) -> int:

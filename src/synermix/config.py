@@ -549,7 +549,7 @@ class ServeParams(_Section):
     #: files per /v1/predict/batch request
     max_files: Annotated[int, Field(ge=1, le=10_000)] = 64
     #: how often the model's source (alias, bundle, file) is checked for a new model; 0: never
-    poll_seconds: Annotated[float, Field(ge=0)] = 30.0
+    poll_seconds: Annotated[float, Field(ge=0, le=86_400, allow_inf_nan=False)] = 30.0
     #: most images per onnxruntime run when requests queue up (micro-batching)
     max_batch: Annotated[int, Field(ge=1, le=1024)] = 32
     provider: Literal[PROVIDERS] = "auto"
@@ -557,6 +557,19 @@ class ServeParams(_Section):
     threads: Annotated[int, Field(ge=1, le=1024)] | None = None
     #: decompression-bomb guard: the most pixels an uploaded image may decode to
     max_pixels: Annotated[int, Field(ge=64, le=1_000_000_000)] = MAX_PIXELS
+    #: memory all images decoding at once may take; each waits for room (an image that could
+    #: never fit is refused)
+    decode_memory_mb: Annotated[float, Field(gt=0, le=1_048_576, allow_inf_nan=False)] = 512.0
+    #: a request's headers must arrive within header_timeout_s and its body within
+    #: body_timeout_s (408); an idle keep-alive connection is closed after idle_timeout_s
+    header_timeout_s: Annotated[float, Field(gt=0, le=3600, allow_inf_nan=False)] = 10.0
+    body_timeout_s: Annotated[float, Field(gt=0, le=3600, allow_inf_nan=False)] = 30.0
+    idle_timeout_s: Annotated[float, Field(gt=0, le=3600, allow_inf_nan=False)] = 5.0
+    #: open connections at most (more are answered 503 and closed)
+    max_connections: Annotated[int, Field(ge=1, le=100_000)] = 256
+    #: Host header names served (port ignored); null: loopback names when bound to loopback,
+    #: any name otherwise (set it when exposed: it stops DNS-rebinding pages); ["*"]: any
+    allowed_hosts: list[Annotated[str, Field(min_length=1, max_length=255)]] | None = None
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
 
@@ -665,10 +678,54 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
         raise UserError("\n".join(lines)) from None
 
 
+#: a params file is a few KB; anything near this is not one (and YAML parsing is slow)
+MAX_PARAMS_BYTES = 1 * 2**20
+#: nesting deeper than this is not a params file (a 5000-deep list overflows the stack)
+MAX_PARAMS_DEPTH = 32
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: object, line: int) -> None:
+        super().__init__(f"key '{key}' appears twice in one mapping (line {line}): the last would win")
+        self.problem = str(self)
+        self.problem_mark = None
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last:
+    a second ``gates:`` block silently replaced the first) and deep nesting."""
+
+    def compose_node(self, parent, index):  # type: ignore[override]
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_PARAMS_DEPTH:
+                mark = self.peek_event().start_mark
+                raise yaml.YAMLError(
+                    f"nested more than {MAX_PARAMS_DEPTH} levels deep at line {mark.line + 1}"
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):  # type: ignore[override]
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
     """Read and validate ``params.yaml``; a bad file raises :class:`UserError`."""
     path = Path(path)
     try:
+        if path.is_file() and path.stat().st_size > MAX_PARAMS_BYTES:
+            raise UserError(
+                f"{path}: {path.stat().st_size} bytes is not a params file "
+                f"(at most {MAX_PARAMS_BYTES // 2**20} MiB); check the path"
+            )
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"{path}: params file not found; run from the project root") from None
@@ -677,7 +734,7 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no arbitrary objects
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

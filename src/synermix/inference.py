@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from synermix.choices import MAX_PIXELS, PROVIDERS
-from synermix.data.images import IMAGE_EXTENSIONS, fit_square, inspect_image, resize_shorter_side
+from synermix.data.images import IMAGE_EXTENSIONS, Reserve, fit_square, inspect_image, resize_shorter_side
 from synermix.preprocessing import RESIZE_POLICY, Preprocessing
 
 log = logging.getLogger(__name__)
@@ -89,17 +89,22 @@ class ModelInfo:
 class Preprocessor:
     """File bytes -> the model's normalised float32 ``C x H x W`` input."""
 
-    def __init__(self, info: ModelInfo, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(
+        self, info: ModelInfo, max_pixels: int = DEFAULT_MAX_PIXELS, reserve: Reserve | None = None
+    ) -> None:
         if info.resize != RESIZE_POLICY:
             raise ValueError(f"unknown resize policy {info.resize!r} in the model metadata")
         self.info = info
         self.max_pixels = max_pixels
+        #: held while an image decodes (the service's memory budget); None: no bound
+        self.reserve = reserve
         self.mean = np.asarray(info.mean, dtype=np.float32).reshape(-1, 1, 1)
         self.std = np.asarray(info.std, dtype=np.float32).reshape(-1, 1, 1)
 
     def pixels(self, data: bytes) -> np.ndarray:
         """uint8 ``H x W x C`` pixels the model sees (before normalisation)."""
-        decoded = inspect_image(data, self.max_pixels)
+        # a prediction needs the pixels only: no statistics or pixel hash (manifest fields)
+        decoded = inspect_image(data, self.max_pixels, describe=False, reserve=self.reserve)
         if not decoded.decodable or decoded.image is None:
             raise BadImage(decoded.error)
         image = decoded.image
@@ -210,6 +215,28 @@ class Classifier:
         self.preprocess = Preprocessor(self.info, max_pixels)
         self.input_name = self.session.get_inputs()[0].name
         self.input_type = self.session.get_inputs()[0].type  # tensor(float) or tensor(float16)
+        self.smoke_test()
+
+    def smoke_test(self) -> None:
+        """Run one synthetic input of the shape the metadata declares; ValueError when the
+        graph cannot take it or does not answer one score per class (a model that loads
+        but cannot run, e.g. metadata saying 32 px for a 64 px graph)."""
+        info = self.info
+        x = np.zeros((1, info.channels, info.image_size, info.image_size), dtype=np.float32)
+        try:
+            out = self.logits(x)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(
+                f"{self.path.name}: the model does not run on the input its metadata declares "
+                f"({info.channels}x{info.image_size}x{info.image_size}): {reason}"
+            ) from None
+        if out.shape != (1, len(info.class_names)) or not np.isfinite(out).all():
+            raise ValueError(
+                f"{self.path.name}: the model answers shape {list(out.shape)} (finite: "
+                f"{bool(np.isfinite(out).all())}) for one image, not one finite score for each of its "
+                f"{len(info.class_names)} classes"
+            )
 
     @property
     def class_names(self) -> list[str]:

@@ -16,8 +16,11 @@
   the answer is sent; agreement is counted in the metrics and each comparison is written
   to a JSON-lines log, so a pilot can be judged on live traffic without affecting it.
 - **Safety**: loopback by default; an optional bearer token (constant-time compare) on
-  everything but health, readiness and metrics; a request size limit (Content-Length
-  required); the decompression-bomb guard; a bad image is a 4xx with the reason.
+  everything but health, readiness and metrics; a Host allow-list; a request size limit
+  that counts the bytes received (Content-Length required, no Transfer-Encoding); header,
+  body and idle deadlines and a connection limit; decodes bounded by a memory budget and
+  by the header's size and aspect ratio; a bad image is a 4xx with the reason; a model
+  that fails at inference answers 503 and takes ``/readyz`` down until it runs again.
 
 Endpoints: ``GET /healthz``, ``GET /readyz``, ``GET /v1/model``, ``POST /v1/predict`` (one
 image: raw bytes, or multipart with one file), ``POST /v1/predict/batch`` (multipart, many
@@ -47,6 +50,7 @@ import numpy as np
 from fastapi import Request
 
 from synermix.config import ServeParams
+from synermix.data.images import decode_bytes
 from synermix.errors import UserError
 from synermix.inference import DEFAULT_MAX_PIXELS, BadImage, Classifier
 from synermix.model_source import fingerprint, is_registry, model_file, registry_about
@@ -77,6 +81,17 @@ class ServeSettings:
     threads: int | None = None
     shadow_log: Path | None = None
     tracking_uri: str | None = None
+    #: memory all images decoding at once may take (each reserves its header's estimate)
+    decode_memory_bytes: int = 512 * 2**20
+    #: a request's headers must arrive within this; its body within body_timeout
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    #: an idle keep-alive connection is closed after this
+    idle_timeout: float = 5.0
+    max_connections: int = 256
+    #: Host header names accepted (port ignored); None: loopback names when bound to a
+    #: loopback address, else any; ("*",): any
+    allowed_hosts: tuple[str, ...] | None = None
 
     @classmethod
     def from_params(
@@ -98,7 +113,60 @@ class ServeSettings:
             threads=serve.threads,
             shadow_log=Path(serve.shadow_log) if serve.shadow and serve.shadow_log else None,
             tracking_uri=tracking_uri,
+            decode_memory_bytes=int(serve.decode_memory_mb * 2**20),
+            header_timeout=serve.header_timeout_s,
+            body_timeout=serve.body_timeout_s,
+            idle_timeout=serve.idle_timeout_s,
+            max_connections=serve.max_connections,
+            allowed_hosts=tuple(serve.allowed_hosts) if serve.allowed_hosts is not None else None,
         )
+
+    def host_names(self) -> frozenset[str] | None:
+        """The Host names accepted, lower case; None: any."""
+        if self.allowed_hosts is not None:
+            names = {h.lower() for h in self.allowed_hosts}
+            return None if "*" in names else frozenset(names)
+        if self.host in LOOPBACK_HOSTS:
+            return frozenset(LOOPBACK_HOSTS)
+        return None
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+class Busy(Exception):
+    """The service cannot take this image now (a 503 with Retry-After); ``str()`` says why."""
+
+
+class DecodeBudget:
+    """Bounds the memory of all decodes in flight: each image reserves what its header says
+    decoding takes (:func:`synermix.data.images.decode_bytes`) and waits for room; one that
+    could never fit is refused, and one that waits past ``wait_seconds`` is :class:`Busy`."""
+
+    def __init__(self, total_bytes: int, wait_seconds: float = 30.0) -> None:
+        self.total = total_bytes
+        self.wait_seconds = wait_seconds
+        self.used = 0
+        self._room = threading.Condition()
+
+    @contextmanager
+    def reserve(self, width: int, height: int, mode: str) -> Iterator[None]:
+        need = decode_bytes(width, height, mode)
+        if need > self.total:
+            raise BadImage(
+                f"{width}x{height} {mode} needs about {need / 2**20:.0f} MiB to decode, more than "
+                f"serve.decode_memory_mb ({self.total / 2**20:g} MiB): send a smaller image"
+            )
+        with self._room:
+            if not self._room.wait_for(lambda: self.used + need <= self.total, self.wait_seconds):
+                raise Busy(f"{self.wait_seconds:g} s without room to decode: the service is overloaded")
+            self.used += need
+        try:
+            yield
+        finally:
+            with self._room:
+                self.used -= need
+                self._room.notify_all()
 
 
 # --------------------------------------------------------------------------- models
@@ -185,18 +253,21 @@ class LoadedModel:
             self.tmp.cleanup()
 
 
-def load_model(spec: str, settings: ServeSettings, on_batch=None) -> LoadedModel:
+def load_model(
+    spec: str, settings: ServeSettings, on_batch=None, budget: DecodeBudget | None = None
+) -> LoadedModel:
     """Load (verify, download) the model behind ``spec``; UserError when it cannot serve."""
     before = fingerprint(spec, settings.tracking_uri)
     tmp = tempfile.TemporaryDirectory(prefix="synermix-serve-") if is_registry(spec) else None
     try:
         path = model_file(spec, Path(tmp.name) if tmp else Path("."), settings.tracking_uri)
-        try:
+        try:  # the constructor also runs one synthetic input: a model that cannot run stays out
             classifier = Classifier(
                 path, settings.provider, settings.max_pixels, settings.threads, spin=False
             )
         except Exception as exc:  # onnxruntime raises plain Exception subclasses for a bad file
-            raise UserError(f"{spec}: not a model this service can run ({exc})") from None
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"{spec}: not a model this service can run ({reason})") from None
     except BaseException:
         if tmp is not None:
             tmp.cleanup()
@@ -217,6 +288,7 @@ def load_model(spec: str, settings: ServeSettings, on_batch=None) -> LoadedModel
         **registry_about(spec, before),
     }
     log.info("loaded %s (%s) on %s", spec, about.get("version") or about["sha256"][:12], classifier.provider)
+    classifier.preprocess.reserve = budget.reserve if budget is not None else None
     batcher = MicroBatcher(classifier, settings.max_batch, on_batch)
     return LoadedModel(spec, classifier, batcher, before, about, tmp)
 
@@ -224,14 +296,27 @@ def load_model(spec: str, settings: ServeSettings, on_batch=None) -> LoadedModel
 class ModelSlot:
     """The model a route serves, swapped atomically; requests hold it while they use it."""
 
-    def __init__(self, spec: str, settings: ServeSettings, metrics: Metrics, role: str) -> None:
+    #: a refused model is tried again after this back-off, doubled on each refusal up to the most
+    RETRY_SECONDS = (5.0, 600.0)
+
+    def __init__(
+        self,
+        spec: str,
+        settings: ServeSettings,
+        metrics: Metrics,
+        role: str,
+        budget: DecodeBudget | None = None,
+    ) -> None:
         self.spec = spec
         self.settings = settings
         self.metrics = metrics
         self.role = role
+        self.budget = budget
         self.current: LoadedModel | None = None
         self.last_error = ""
-        self._refused: str | None = None
+        #: why the model served now failed at inference (not ready until a run succeeds)
+        self.failing = ""
+        self._refused: tuple[str, float, float] | None = None  # (fingerprint, retry at, back-off)
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
 
@@ -239,8 +324,9 @@ class ModelSlot:
         def observe(size: int) -> None:
             self.metrics.batch_size.observe(size)
 
-        model = load_model(self.spec, self.settings, observe)
+        model = load_model(self.spec, self.settings, observe, self.budget)
         old, self.current = self.current, model
+        self.failing = ""
         self.metrics.set_model(self.role, model.about)
         if old is not None:
             threading.Thread(target=self._retire, args=(old,), daemon=True).start()
@@ -277,13 +363,16 @@ class ModelSlot:
             return False
         if self.current is not None and now == self.current.fingerprint:
             return False
-        if now == self._refused:  # the same broken model: tried once, not every poll
-            return False
+        refused = self._refused
+        if refused is not None and now == refused[0] and time.monotonic() < refused[1]:
+            return False  # the same refused model: tried again after a back-off, not every poll
         try:
             self.load()
         except Exception as exc:  # keep serving the old model
-            self.last_error = f"{datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ} {exc}"
-            self._refused = now
+            first, most = self.RETRY_SECONDS
+            delay = min(most, refused[2] * 2) if refused is not None and now == refused[0] else first
+            self.last_error = f"{datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ} {exc} (tried again in {delay:g} s)"
+            self._refused = (now, time.monotonic() + delay, delay)
             self.metrics.reloads.labels(self.role, "failed").inc()
             log.error("%s model not swapped, still serving the old one: %s", self.role, exc)
             return False
@@ -379,9 +468,12 @@ class Service:
     def __init__(self, settings: ServeSettings) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.primary = ModelSlot(settings.model, settings, self.metrics, "primary")
+        self.budget = DecodeBudget(settings.decode_memory_bytes)
+        self.primary = ModelSlot(settings.model, settings, self.metrics, "primary", self.budget)
         self.shadow = (
-            ModelSlot(settings.shadow, settings, self.metrics, "shadow") if settings.shadow else None
+            ModelSlot(settings.shadow, settings, self.metrics, "shadow", self.budget)
+            if settings.shadow
+            else None
         )
         self.shadow_log = ShadowLog(settings.shadow_log)
         self._shadow_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="shadow")
@@ -412,13 +504,23 @@ class Service:
         with self.primary.use() as model:
             try:
                 x = await run_in_threadpool(model.classifier.preprocess, data)
-            except BadImage:
-                self.metrics.bad_images.inc()
+            except (BadImage, Busy) as exc:
+                if isinstance(exc, BadImage):
+                    self.metrics.bad_images.inc()
                 raise
             except Exception as exc:  # Pillow can raise odd errors on hostile files: still the input's fault
                 self.metrics.bad_images.inc()
                 raise BadImage(f"not a readable image ({type(exc).__name__}: {exc})") from None
-            probabilities = await asyncio.wrap_future(model.batcher.submit(x))
+            try:
+                probabilities = await asyncio.wrap_future(model.batcher.submit(x))
+            except Exception as exc:  # the model, not the image: not ready until a run succeeds
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                if model is self.primary.current:
+                    self.primary.failing = f"inference failed: {reason}"
+                log.error("inference failed on %s: %s", model.spec, reason)
+                raise Busy(f"the model failed at inference ({reason})") from None
+            if self.primary.failing and model is self.primary.current:
+                self.primary.failing = ""
             result = model.classifier.result(name, probabilities, self.settings.abstain)
             about = model.about
             row = result.to_row(model.classifier.class_names)
@@ -507,6 +609,8 @@ def create_app(service: Service):
     async def readyz():
         if service.primary.current is None:
             return problem(503, "no model loaded")
+        if service.primary.failing:
+            return problem(503, service.primary.failing)
         return {"status": "ready", "version": service.primary.current.about.get("version", "")}
 
     @app.get("/v1/model")
@@ -550,6 +654,8 @@ def create_app(service: Service):
             row, about = await service.classify(name, data)
         except BadImage as exc:
             return problem(422, str(exc))
+        except Busy as exc:
+            return problem(503, str(exc), **{"Retry-After": "5"})
         return JSONResponse({"model": _short_about(about), "prediction": row})
 
     @app.post("/v1/predict/batch")
@@ -567,6 +673,9 @@ def create_app(service: Service):
         answers = await asyncio.gather(
             *(service.classify(name, data) for name, data in files), return_exceptions=True
         )
+        busy = next((a for a in answers if isinstance(a, Busy)), None)
+        if busy is not None:
+            return problem(503, str(busy), **{"Retry-After": "5"})
         rows: list[dict] = []
         about: dict = {}
         for (name, _), answer in zip(files, answers, strict=True):
@@ -587,7 +696,8 @@ def create_app(service: Service):
 
 
 class _Guard:
-    """Token and request-size checks before a route runs, and the request metrics.
+    """Host, token, framing and size checks before a route runs, the body read under its
+    deadline and byte limit, and the request metrics.
 
     Plain ASGI rather than ``@app.middleware("http")``: that wrapper costs a task and a
     response copy per request, which shows at concurrency 1."""
@@ -600,22 +710,57 @@ class _Guard:
         self.problem = problem
         token = service.settings.token
         self.expected = f"Bearer {token}".encode() if token else None
+        self.hosts = service.settings.host_names()
 
     def refusal(self, scope: dict):
-        headers = dict(scope["headers"])
+        headers = scope["headers"]
+        named = dict(headers)
         limit = self.service.settings.max_request_bytes
+        if self.hosts is not None and _host_name(named.get(b"host", b"")) not in self.hosts:
+            return self.problem(
+                421, "this Host is not served here: add it to serve.allowed_hosts (or --allowed-host)"
+            )
         guarded = self.expected is not None and scope["path"] not in self.open_paths
-        if guarded and not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+        if guarded and not hmac.compare_digest(named.get(b"authorization", b""), self.expected):
             return self.problem(401, "missing or wrong bearer token", **{"WWW-Authenticate": "Bearer"})
         if scope["method"] == "POST":
-            length = headers.get(b"content-length")
-            if length is None:
+            if b"transfer-encoding" in named:  # two framings (or chunked): which one ends the body?
+                return self.problem(
+                    400 if b"content-length" in named else 411,
+                    "send the body with a Content-Length header and no Transfer-Encoding",
+                )
+            lengths = {value for key, value in headers if key == b"content-length"}
+            if not lengths:
                 return self.problem(411, "send a Content-Length header")
-            if not length.isdigit():
+            if len(lengths) > 1 or not next(iter(lengths)).isdigit():
                 return self.problem(400, "bad Content-Length header")
-            if int(length) > limit:
-                return self.problem(413, f"request of {int(length)} bytes is over the {limit}-byte limit")
+            if int(next(iter(lengths))) > limit:
+                length = int(next(iter(lengths)))
+                return self.problem(413, f"request of {length} bytes is over the {limit}-byte limit")
         return None
+
+    async def read_body(self, receive) -> list[dict] | Any:
+        """The request's body messages, read under the body deadline and counted against
+        the limit (whatever the headers said); a refusal; or None when the client left."""
+        settings = self.service.settings
+        deadline = time.monotonic() + settings.body_timeout
+        messages: list[dict] = []
+        received = 0
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                return self.problem(408, f"the body did not arrive within {settings.body_timeout:g} s")
+            if message["type"] == "http.disconnect":
+                return None
+            received += len(message.get("body", b""))
+            if received > settings.max_request_bytes:
+                return self.problem(
+                    413, f"request over the {settings.max_request_bytes}-byte limit ({received} bytes so far)"
+                )
+            messages.append(message)
+            if not message.get("more_body", False):
+                return messages
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -631,6 +776,15 @@ class _Guard:
 
         refused = self.refusal(scope)
         try:
+            if refused is None and scope["method"] == "POST":
+                body = await self.read_body(receive)
+                if body is None:  # the client left: nobody to answer
+                    code[0] = 499
+                    return
+                if isinstance(body, list):
+                    receive = _replay(body, receive)
+                else:
+                    refused = body
             if refused is None:
                 await self.app(scope, receive, sending)
             else:
@@ -642,6 +796,26 @@ class _Guard:
             metrics = self.service.metrics
             metrics.requests.labels(endpoint, str(code[0])).inc()
             metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+
+def _host_name(value: bytes) -> str:
+    """The name part of a Host header, lower case: ``[::1]:8080`` -> ``::1``."""
+    text = value.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        return text[1:].split("]", 1)[0]
+    return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+
+
+def _replay(messages: list[dict], receive):
+    """A ``receive`` that hands out the body already read, then waits on the client's."""
+    pending = list(messages)
+
+    async def replayed() -> dict:
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replayed
 
 
 class _Refused(Exception):
@@ -656,16 +830,100 @@ def _short_about(about: dict) -> dict:
     return {k: about[k] for k in keys if k in about}
 
 
+def _raw_response(code: int, reason: str, detail: str) -> bytes:
+    """A whole HTTP/1.1 response written straight to the socket (no request was parsed)."""
+    body = json.dumps({"error": detail}).encode()
+    head = (
+        f"HTTP/1.1 {code} {reason}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def guarded_protocol(settings: ServeSettings):
+    """uvicorn's h11 protocol with what it lacks against slow or many clients: a deadline
+    for a request's headers (from the connection's start or its first byte after a
+    response: 408, closed) and a connection limit (past it: 503, closed)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            if len(self.connections) > settings.max_connections:
+                log.warning("connection refused: %d open (serve.max_connections)", len(self.connections) - 1)
+                transport.write(_raw_response(503, "Service Unavailable", "too many connections: try again"))
+                transport.close()
+                return
+            self._arm_header_timer()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.transport.is_closing():
+                return
+            if self.conn.their_state is h11.IDLE and (self.cycle is None or self.cycle.response_complete):
+                self._arm_header_timer()  # bytes of a request whose headers are not complete yet
+            else:
+                self._cancel_header_timer()
+
+        def connection_lost(self, exc) -> None:
+            self._cancel_header_timer()
+            super().connection_lost(exc)
+
+        def _arm_header_timer(self) -> None:
+            if self._header_timer is None:
+                self._header_timer = self.loop.call_later(settings.header_timeout, self._headers_late)
+
+        def _cancel_header_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_late(self) -> None:
+            self._header_timer = None
+            if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+                return
+            detail = f"the request headers did not arrive within {settings.header_timeout:g} s"
+            self.transport.write(_raw_response(408, "Request Timeout", detail))
+            self.transport.close()
+
+    return GuardedH11Protocol
+
+
+def uvicorn_config(app, settings: ServeSettings):
+    """The uvicorn server settings every ``synermix serve`` runs with (the tests too)."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        http=guarded_protocol(settings),
+        timeout_keep_alive=settings.idle_timeout,
+        limit_concurrency=settings.max_connections + 16,  # requests past it: 503 (tasks count too)
+        h11_max_incomplete_event_size=64 * 1024,  # request line and headers
+        log_level="warning",
+        access_log=False,
+    )
+
+
 def run(settings: ServeSettings) -> None:
     """Load the model(s), then serve until interrupted."""
     import uvicorn
 
-    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.token:
+    if settings.host not in LOOPBACK_HOSTS and not settings.token:
         log.warning("serving on %s without a token: anyone who reaches the port can use it", settings.host)
+    if settings.host not in LOOPBACK_HOSTS and settings.host_names() is None:
+        log.warning(
+            "serving on %s for any Host header: set serve.allowed_hosts to the names clients use",
+            settings.host,
+        )
     service = Service(settings)
     service.start()
     app = create_app(service)
     try:
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
+        uvicorn.Server(uvicorn_config(app, settings)).run()
     finally:
         service.stop()

@@ -7,7 +7,7 @@ import onnx
 import pytest
 import torch
 
-from synermix.errors import CheckFailed
+from synermix.errors import CheckFailed, UserError
 from synermix.inference import Classifier, ModelInfo
 from synermix.paths import EXPORT_DIR, EXPORT_METRICS, MODEL_DIR, ONNX_MODEL
 from synermix.stages.evaluate import run_evaluate
@@ -117,3 +117,49 @@ def test_a_parity_failure_fails_the_stage_after_writing_the_numbers(project):
     summary = json.loads((root / EXPORT_METRICS).read_text())
     assert summary["parity"]["passed"] is False and summary["parity"]["max_abs_diff"] > 1e-15
     assert summary["variants"] == {}  # no variant is built from a model that failed parity
+
+
+def retrain_by_hand(root) -> None:
+    """Other weights in models/model, self-consistent (model.json names their sha256), as a
+    train stage run by hand after evaluate leaves them."""
+    weights = root / MODEL_DIR / "weights.pt"
+    state = torch.load(weights, weights_only=True)
+    first = next(k for k, v in state.items() if v.is_floating_point())
+    state[first] = state[first] + 0.01
+    torch.save(state, weights)
+    meta_path = root / MODEL_DIR / "model.json"
+    meta = json.loads(meta_path.read_text())
+    meta["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+    meta_path.write_text(json.dumps(meta))
+
+
+def test_a_stale_evaluation_is_not_trusted_by_export_or_register(project):
+    """evaluation.json names the weights, manifest and classes it judged: stages run by hand
+    with evaluate skipped used to export and register other weights as gates_passed."""
+    from synermix.stages.register import run_register
+
+    root, with_export = project
+    evaluation = json.loads((root / "reports/evaluation.json").read_text())
+    assert set(evaluation["model"]) == {"weights_sha256", "manifest_sha256", "class_names"}
+    assert (
+        evaluation["model"]["weights_sha256"]
+        == hashlib.sha256((root / MODEL_DIR / "weights.pt").read_bytes()).hexdigest()
+    )
+    run_export(with_export(), root)
+    retrain_by_hand(root)
+    with pytest.raises(UserError, match=r"judged other weights than models/model/weights\.pt"):
+        run_export(with_export(), root)
+    with pytest.raises(UserError, match="judged other weights"):
+        run_register(with_export(), root)
+    # an evaluation written before it named its model is not trusted either
+    (root / "reports/evaluation.json").write_text(
+        json.dumps({k: v for k, v in evaluation.items() if k != "model"})
+    )
+    with pytest.raises(UserError, match="does not say which model it judged"):
+        run_export(with_export(), root)
+    # another manifest under the same weights
+    run_evaluate(with_export(), root)
+    manifest = root / "data/prepared/manifest.csv"
+    manifest.write_text(manifest.read_text() + "\n")
+    with pytest.raises(UserError, match="another manifest"):
+        run_export(with_export(), root)

@@ -2,7 +2,10 @@
 
 :func:`inspect_image` never raises on bad input: a zero-byte file, a text file named
 ``.jpg``, a truncated PNG or an image past the pixel limit comes back with
-``decodable=False`` and a reason, so one bad photo never stops a dataset. Decodable
+``decodable=False`` and a reason, so one bad photo never stops a dataset. Its work is
+bounded before any pixel is decoded: only the formats in ``choices.IMAGE_FORMATS`` are
+opened, and the header's size must be within the pixel limit and
+``choices.MAX_ASPECT_RATIO`` (the later resize scales the shorter side up). Decodable
 images are brought to a canonical mode (``L`` for grey-level sources, ``RGB`` for
 colour), EXIF orientation applied, and described by grey-level mean and standard
 deviation (for blank/saturated frame checks) and a hash of their pixels (so a re-encoded
@@ -14,10 +17,14 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from synermix.choices import IMAGE_FORMATS, MAX_ASPECT_RATIO
 
 #: File extensions accepted from a ``<class>/<image>`` folder (lower case).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
@@ -117,22 +124,35 @@ def fit_square(image: Image.Image, size: int, channels: int) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8).reshape(size, size, channels)
 
 
-def inspect_image(data: bytes, max_pixels: int) -> ImageInfo:
+#: ``reserve(width, height, mode)``: a context held while those pixels decode (serve
+#: bounds concurrent decodes by memory with it); raising refuses the image
+Reserve = Callable[[int, int, str], AbstractContextManager]
+
+
+def inspect_image(
+    data: bytes, max_pixels: int, *, describe: bool = True, reserve: Reserve | None = None
+) -> ImageInfo:
     """Decode ``data`` (a whole image file) without trusting it.
 
     ``max_pixels`` is the decompression-bomb guard: an image whose header declares more
-    pixels is refused before any pixel is decoded.
+    pixels, or a longest side more than ``MAX_ASPECT_RATIO`` times its shortest, is refused
+    before any pixel is decoded. ``describe=False`` skips the statistics and the pixel hash
+    the manifest needs and a prediction does not (their fields are NaN and empty).
     """
     if not data:
         return _failed("empty file (0 bytes)", data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except Image.DecompressionBombError as exc:  # Pillow's own, coarser guard fired first
         return _failed(f"{exc} (decompression-bomb guard, data.max_pixels={max_pixels})", data)
     except UnidentifiedImageError:
-        return _failed("not an image file Pillow can read (wrong extension or corrupt header)", data)
+        return _failed(
+            f"not an image file of a format read here ({', '.join(IMAGE_FORMATS)}): "
+            "wrong extension or corrupt header",
+            data,
+        )
     except (OSError, SyntaxError, ValueError) as exc:
         return _failed(f"unreadable image header: {exc}", data)
     fmt = image.format or ""
@@ -148,20 +168,34 @@ def inspect_image(data: bytes, max_pixels: int) -> ImageInfo:
             height,
             mode,
         )
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            canonical = canonicalise(image)
-    except Image.DecompressionBombError:
-        return _failed("past Pillow's decompression-bomb limit", data, fmt, width, height, mode)
-    except (OSError, SyntaxError, ValueError, TypeError) as exc:
-        reason = str(exc) or type(exc).__name__
-        if "truncated" in reason.lower():
-            reason = f"truncated file ({reason})"
-        return _failed(f"cannot decode pixels: {reason}", data, fmt, width, height, mode)
+    if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
+        return _failed(
+            f"{width}x{height}: one side is more than {MAX_ASPECT_RATIO} times the other "
+            "(resizing it to the model's input would take far more memory than the file); "
+            "crop it closer to the part",
+            data,
+            fmt,
+            width,
+            height,
+            mode,
+        )
+    with (reserve or _no_reservation)(width, height, mode):  # what it raises reaches the caller
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                image.load()
+                image = ImageOps.exif_transpose(image)
+                canonical = canonicalise(image)
+        except Image.DecompressionBombError:
+            return _failed("past Pillow's decompression-bomb limit", data, fmt, width, height, mode)
+        except (OSError, SyntaxError, ValueError, TypeError) as exc:
+            reason = str(exc) or type(exc).__name__
+            if "truncated" in reason.lower():
+                reason = f"truncated file ({reason})"
+            return _failed(f"cannot decode pixels: {reason}", data, fmt, width, height, mode)
 
+    if not describe:
+        return ImageInfo(True, "", fmt, width, height, mode, float("nan"), float("nan"), "", canonical)
     grey = np.asarray(canonical if canonical.mode == "L" else canonical.convert("L"), dtype=np.float64)
     digest = hashlib.sha256()
     digest.update(f"{canonical.mode}:{canonical.width}x{canonical.height}:".encode())
@@ -178,6 +212,18 @@ def inspect_image(data: bytes, max_pixels: int) -> ImageInfo:
         content_sha256=digest.hexdigest(),
         image=canonical,
     )
+
+
+def _no_reservation(width: int, height: int, mode: str) -> AbstractContextManager:
+    return nullcontext()
+
+
+def decode_bytes(width: int, height: int, mode: str) -> int:
+    """About the most memory decoding an image of this header takes: the decoded frame and
+    its canonical copy (a grey 16-bit or float source becomes an 8-bit one, colour RGB)."""
+    source = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2, "LA": 2}.get(mode, 4)
+    canonical = 1 if is_grey_mode(mode) else 3
+    return width * height * (source + canonical)
 
 
 def encode_png(image: Image.Image) -> bytes:

@@ -14,7 +14,7 @@ from mlflow.exceptions import MlflowException
 from synermix.config import Params
 from synermix.data.manifest import class_names, read_manifest, read_quarantine, usable_rows
 from synermix.errors import CheckFailed, UserError
-from synermix.paths import MANIFEST, MODEL_DIR, QUARANTINE_CSV
+from synermix.paths import EVAL_METRICS, MANIFEST, MODEL_DIR, MODEL_JSON, MODEL_WEIGHTS, QUARANTINE_CSV
 from synermix.tracking import client_for
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,37 @@ def evaluation_rows(
             "the test split has no usable image; check data.split and rerun prepare (dvc repro)"
         )
     return val_rows, test_rows
+
+
+def model_identity(root: Path) -> dict[str, object]:
+    """What an evaluation is of: the sha256 of models/model's weight file (its bytes, not
+    what model.json says), of today's manifest, and the model's classes."""
+    meta = json.loads((root / MODEL_JSON).read_text())
+    return {
+        "weights_sha256": hashlib.sha256((root / MODEL_WEIGHTS).read_bytes()).hexdigest(),
+        "manifest_sha256": hashlib.sha256((root / MANIFEST).read_bytes()).hexdigest(),
+        "class_names": list(meta["class_names"]),
+    }
+
+
+def check_evaluation_is_current(evaluation: dict, root: Path) -> None:
+    """Refuse an evaluation of other weights, data or classes than models/model and
+    today's manifest (e.g. stages run by hand with evaluate skipped): its verdict and
+    figures would be another model's."""
+    judged = evaluation.get("model")
+    if not isinstance(judged, dict):
+        raise UserError(f"{EVAL_METRICS} does not say which model it judged: rerun evaluate (dvc repro)")
+    now = model_identity(root)
+    for key, what in (
+        ("weights_sha256", f"other weights than {MODEL_WEIGHTS}"),
+        ("manifest_sha256", f"the model on another manifest than {MANIFEST}"),
+        ("class_names", f"a model of other classes than {MODEL_DIR}"),
+    ):
+        if judged.get(key) != now[key]:
+            shown = now[key][:12] if isinstance(now[key], str) else now[key]
+            was = judged.get(key)
+            was = was[:12] if isinstance(was, str) else was
+            raise UserError(f"{EVAL_METRICS} judged {what} ({was}, now {shown}): rerun evaluate (dvc repro)")
 
 
 def read_json(path: Path, stage: str) -> dict:

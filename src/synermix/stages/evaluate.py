@@ -30,7 +30,7 @@ from synermix.paths import (
     MODEL_JSON,
     PREPARED_DIR,
 )
-from synermix.stages.common import evaluation_rows, tag_training_run
+from synermix.stages.common import evaluation_rows, model_identity, tag_training_run
 from synermix.tracking import client_for, flatten, mlflow_run, tracking_uri
 from synermix.training import load_trained_model
 
@@ -178,6 +178,7 @@ def run_evaluate(params: Params, root: Path = Path(".")) -> dict:
     summary = {
         "passed": passed,
         "enforced": enforced,
+        "model": model_identity(root),  # export and register refuse a verdict on other weights
         "test": scalars_only(test),
         "val": scalars_only(val) if val else {},
         "gates": {g.gate: json_safe({k: v for k, v in g.to_dict().items() if k != "gate"}) for g in gates},

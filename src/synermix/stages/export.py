@@ -28,7 +28,12 @@ from synermix.paths import (
     PREPARED_DIR,
     variant_model,
 )
-from synermix.stages.common import evaluation_rows, tag_training_run, train_val_rows
+from synermix.stages.common import (
+    check_evaluation_is_current,
+    evaluation_rows,
+    tag_training_run,
+    train_val_rows,
+)
 from synermix.tracking import flatten, mlflow_run
 from synermix.training import load_trained_model
 
@@ -45,6 +50,7 @@ def _evaluation_verdict(root: Path) -> bool | None:
         summary = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: not readable JSON ({exc}); rerun the evaluate stage (dvc repro)") from None
+    check_evaluation_is_current(summary, root)
     if not summary.get("passed") and summary.get("enforced"):
         raise CheckFailed(f"{EVAL_METRICS} says the model failed its gates; fix that before exporting")
     return bool(summary.get("passed"))

@@ -34,7 +34,7 @@ from synermix.paths import (
     REGISTER_REPORT,
     variant_model,
 )
-from synermix.stages.common import read_json
+from synermix.stages.common import check_evaluation_is_current, read_json
 from synermix.tracking import client_for, mlflow_run
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ def run_register(params: Params, root: Path = Path(".")) -> dict:
     onnx_sha = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
     if export.get("onnx_sha256") != onnx_sha:
         raise UserError(f"{ONNX_MODEL} is not the file {EXPORT_METRICS} describes; rerun export (dvc repro)")
+    check_evaluation_is_current(evaluation, root)
     if not export.get("parity", {}).get("passed"):
         raise CheckFailed(f"{EXPORT_METRICS} says the ONNX model failed its parity check; not registered")
     name = params.registry.model_name
