@@ -157,3 +157,18 @@ def test_a_key_given_twice_deep_nesting_and_a_huge_file_are_refused(tmp_path):
     with pytest.raises(UserError, match="is not a params file"):
         load_params(huge)
     assert load_params(REPO_ROOT / "params.yaml").seed == 123  # the project's own file still reads
+
+
+def test_a_password_in_the_tracking_uri_is_refused_and_never_echoed(monkeypatch):
+    """MLflow writes the tracking URI into run params, logs and errors."""
+    from synermix.tracking import tracking_uri
+
+    message = error_of({"mlflow": {"tracking_uri": "postgresql://mlflow:s3cret-pw@db/mlflow"}})
+    assert "holds a password" in message and "MLFLOW_TRACKING_PASSWORD" in message
+    assert "s3cret-pw" not in message
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://ci:s3cret-pw@mlflow.example")
+    with pytest.raises(UserError, match="MLFLOW_TRACKING_URI holds a password") as caught:
+        tracking_uri(parse_params({}).mlflow)
+    assert "s3cret-pw" not in str(caught.value)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://ci@mlflow.example")  # a user alone is fine
+    assert tracking_uri(parse_params({}).mlflow) == "https://ci@mlflow.example"

@@ -586,7 +586,24 @@ class MlflowParams(_Section):
             raise ValueError(
                 "MLflow's file store is not supported; use sqlite:///<file>.db or an http(s):// server"
             )
+        check_no_password(value, "mlflow.tracking_uri")
         return value
+
+
+def check_no_password(uri: str, where: str) -> None:
+    """Refuse a tracking URI that carries a password: MLflow writes the URI into run params,
+    logs and errors. The password goes where MLflow and libpq read it instead."""
+    from urllib.parse import urlsplit
+
+    try:
+        password = urlsplit(uri).password
+    except ValueError:
+        return  # not a URL urllib parses: MLflow will say what is wrong with it
+    if password:
+        raise ValueError(
+            f"{where} holds a password: leave it out of the URI and set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD (an MLflow server) or PGPASSWORD / ~/.pgpass (a PostgreSQL store)"
+        )
 
 
 class Params(_Section):

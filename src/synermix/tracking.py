@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from synermix import lineage
-from synermix.config import MlflowParams, Params
+from synermix.config import MlflowParams, Params, check_no_password
+from synermix.errors import UserError
 from synermix.paths import DVC_LOCK, DVC_YAML, MANIFEST, PARAMS_FILE
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,14 @@ def redact_uri(uri: str) -> str:
 
 
 def tracking_uri(params: MlflowParams) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or params.tracking_uri
+    """The store's URI: MLFLOW_TRACKING_URI when set, else mlflow.tracking_uri; one that
+    holds a password is refused (MLflow would write it into runs and logs)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or params.tracking_uri
+    try:
+        check_no_password(uri, "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "the URI")
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    return uri
 
 
 def client(uri: str | None) -> Any:
