@@ -160,13 +160,14 @@ def test_provider_really_used_is_reported(grey_model, caplog):
         )
 
 
-def run_cli(*args, cwd, env=None):
+def run_cli(*args, cwd, env=None, timeout=None):
     return subprocess.run(
         [sys.executable, "-m", "synermix.cli", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
         env=env or os.environ,
+        timeout=timeout,
     )
 
 
@@ -255,3 +256,39 @@ def test_the_model_file_alone_runs_without_torch_or_the_training_code(grey_model
     assert proc.returncode == 0, proc.stderr
     status, label, _ = proc.stdout.split(" ", 2)
     assert status == "ok" and label in CLASSES
+
+
+def test_predict_names_fifos_and_dangling_links_and_never_truncates_its_output(rgb_model, tmp_path):
+    """A FIFO argument used to hang predict; under a folder FIFOs and dangling links
+    vanished from the results; a failed write truncated the previous results file."""
+    import os
+
+    import pandas as pd
+
+    path = rgb_model[3]
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "good.png").write_bytes(png_bytes(noise_image(11, (60, 60), "RGB")))
+    os.mkfifo(inbox / "pipe.png")
+    (inbox / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    out = tmp_path / "p.csv"
+    proc = run_cli(
+        "predict", str(inbox), str(inbox / "pipe.png"), "--model", str(path), "--out", str(out),
+        cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = pd.read_csv(out, keep_default_na=False)
+    errors = dict(zip(rows["path"], rows["error"], strict=True))
+    assert errors[str(inbox / "pipe.png")] == "cannot read the file: a FIFO"
+    assert errors[str(inbox / "gone.png")] == "cannot read the file: a link to nothing (dangling)"
+    assert rows["status"].tolist().count("ok") == 1
+    # a write that fails (here: --out names a folder) is one line, and leaves nothing behind
+    (tmp_path / "taken").mkdir()
+    proc = run_cli("predict", str(inbox / "good.png"), "--model", str(path), "--out", str(tmp_path / "taken"),
+                   cwd=tmp_path)  # fmt: skip
+    assert proc.returncode != 0 and "cannot write the results" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not list(tmp_path.glob(".taken.*"))
+    # the results go to a temporary file renamed over the old one: never a truncated file
+    before = out.read_bytes()
+    proc = run_cli("predict", str(inbox / "good.png"), "--model", str(path), "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0 and out.read_bytes() != before and not list(tmp_path.glob(".p.csv.*"))

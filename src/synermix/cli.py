@@ -313,10 +313,16 @@ def _predict_with(args: argparse.Namespace, model: Path) -> int:
         )
     else:
         text = pd.DataFrame(rows).to_csv(index=False, lineterminator="\n")
-    if args.out:
+    if args.out:  # written beside, then renamed: a full disk or a kill leaves the old file whole
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text if text.endswith("\n") else text + "\n")
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(text if text.endswith("\n") else text + "\n")
+            os.replace(tmp, out)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"--out {out}: cannot write the results ({exc.strerror or exc})") from None
     else:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
     counts = {s: sum(r.status == s for r in results) for s in ("ok", "abstain", "error")}

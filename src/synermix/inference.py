@@ -298,22 +298,50 @@ class Classifier:
 
 
 def image_files(paths: Sequence[str | Path]) -> list[Path]:
-    """Files given, and image files (by extension) under folders given, in a stable order."""
+    """Files given, and image files (by extension) under folders given, in a stable order.
+    Entries under a folder that are not regular files (a FIFO, a dangling link) are kept,
+    so that they become error rows rather than vanish."""
     found: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
             found.extend(
-                sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+                sorted(p for p in path.rglob("*") if not p.is_dir() and p.suffix.lower() in IMAGE_EXTENSIONS)
             )
         else:
             found.append(path)
     return found
 
 
+#: a file larger than this is not an inspection photo (and is not read into memory)
+MAX_FILE_BYTES = 256 * 2**20
+
+
 def read_files(paths: Iterable[Path]) -> Iterable[tuple[str, bytes | str]]:
-    """``(path, bytes)``, or ``(path, reason)`` for a file that cannot be read."""
+    """``(path, bytes)``, or ``(path, reason)`` for a file that cannot be read. Only regular
+    files are opened: a FIFO would block the reader, a device never end."""
+    import stat
+
     for path in paths:
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            reason = "a link to nothing (dangling)" if path.is_symlink() else "no such file"
+            yield str(path), f"cannot read the file: {reason}"
+            continue
+        except OSError as exc:
+            yield str(path), f"cannot read the file: {exc.strerror or exc}"
+            continue
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "not a regular file"
+            yield str(path), f"cannot read the file: {kind}"
+            continue
+        if info.st_size > MAX_FILE_BYTES:
+            yield (
+                str(path),
+                f"cannot read the file: {info.st_size} bytes is over {MAX_FILE_BYTES} (not a photo)",
+            )
+            continue
         try:
             yield str(path), path.read_bytes()
         except OSError as exc:
