@@ -292,3 +292,49 @@ def test_predict_names_fifos_and_dangling_links_and_never_truncates_its_output(r
     before = out.read_bytes()
     proc = run_cli("predict", str(inbox / "good.png"), "--model", str(path), "--out", str(out), cwd=tmp_path)
     assert proc.returncode == 0 and out.read_bytes() != before and not list(tmp_path.glob(".p.csv.*"))
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        ("{not json", "is not JSON"),
+        ("[1, 2]", "not a JSON object"),
+        ('{"format_version": 1, "preprocessing": {}}', "malformed: no 'class_names'"),
+        ('{"format_version": 1, "class_names": "ab", "preprocessing": {}}', "list of class names"),
+        (
+            '{"format_version": 1, "class_names": ["a"], "preprocessing": {"image_size": 8}}',
+            "malformed: no 'channels'",
+        ),
+        (
+            '{"format_version": 1, "class_names": ["a"], "preprocessing": '
+            '{"image_size": 0, "channels": 1, "mean": [0.5], "std": [0.2]}}',
+            "image_size 0 is not 1-8192",
+        ),
+        (
+            '{"format_version": 1, "class_names": ["a"], "preprocessing": '
+            '{"image_size": 8, "channels": 3, "mean": [0.5], "std": [0.2]}}',
+            "1/1 values for 3 channel(s)",
+        ),
+        (
+            '{"format_version": 1, "class_names": ["a"], "preprocessing": '
+            '{"image_size": 8, "channels": 1, "mean": [0.5], "std": [0]}}',
+            "std finite and positive",
+        ),
+        ("[" * 100_000 + "]" * 100_000, "not"),
+    ],
+)
+def test_malformed_model_metadata_is_one_line(value, words):
+    with pytest.raises(ValueError, match=None) as caught:
+        ModelInfo.from_metadata({"synermix": value})
+    assert words in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_malformed_metadata_in_a_model_file_is_one_line_from_predict(grey_model, tmp_path):
+    proto = onnx.load(str(grey_model[3]))
+    next(p for p in proto.metadata_props if p.key == "synermix").value = '{"format_version": 1}'
+    bad = tmp_path / "bad.onnx"
+    onnx.save(proto, str(bad))
+    image = tmp_path / "a.png"
+    image.write_bytes(png_bytes(noise_image(1)))
+    proc = run_cli("predict", str(image), "--model", str(bad), cwd=tmp_path)
+    assert proc.returncode == 2 and "metadata is malformed" in proc.stderr and "Traceback" not in proc.stderr

@@ -73,15 +73,31 @@ class ModelInfo:
                 f"the model has no '{METADATA_KEY}' metadata: export it with the export stage "
                 "(dvc repro) so it carries its class names and preprocessing"
             )
-        data = json.loads(custom[METADATA_KEY])
+        try:
+            data = json.loads(custom[METADATA_KEY])
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise ValueError(f"the model's '{METADATA_KEY}' metadata is not JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"the model's '{METADATA_KEY}' metadata is not a JSON object")
         if data.get("format_version") != METADATA_VERSION:
             raise ValueError(
                 f"model metadata version {data.get('format_version')} (this code reads {METADATA_VERSION})"
             )
+        try:
+            names = data["class_names"]
+            if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+                raise ValueError("class_names must be a list of class names")
+            size = data.get("prepare_image_size")
+            if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+                raise ValueError(f"prepare_image_size {size!r} is not a size in pixels")
+            preprocessing = Preprocessing.from_dict(data["preprocessing"])
+        except (KeyError, TypeError, ValueError) as exc:
+            what = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise ValueError(f"the model's '{METADATA_KEY}' metadata is malformed: {what}") from None
         return cls(
-            class_names=list(data["class_names"]),
-            preprocessing=Preprocessing.from_dict(data["preprocessing"]),
-            prepare_image_size=data.get("prepare_image_size"),
+            class_names=list(names),
+            preprocessing=preprocessing,
+            prepare_image_size=size,
             extra={k: v for k, v in data.items() if k not in ("class_names", "preprocessing")},
         )
 

@@ -11,6 +11,7 @@ decode -> grey (``channels=1``) or RGB (``channels=3``) -> resize so the shorter
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 #: the one resize policy there is (recorded so a model file says which it needs)
@@ -24,6 +25,22 @@ class Preprocessing:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     resize: str = RESIZE_POLICY
+
+    def __post_init__(self) -> None:
+        # read back from model files, which may come from anywhere: a bad value is one line
+        if not 1 <= self.image_size <= 8192:
+            raise ValueError(f"preprocessing image_size {self.image_size} is not 1-8192 pixels")
+        if self.channels not in (1, 3):
+            raise ValueError(f"preprocessing channels {self.channels} is not 1 or 3")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(
+                f"preprocessing mean/std have {len(self.mean)}/{len(self.std)} values for "
+                f"{self.channels} channel(s)"
+            )
+        if not all(math.isfinite(v) for v in self.mean) or not all(
+            math.isfinite(v) and v > 0 for v in self.std
+        ):
+            raise ValueError("preprocessing mean must be finite and std finite and positive")
 
     def to_dict(self) -> dict:
         """JSON-ready (lists, not tuples), as stored in model.json and ONNX metadata."""
