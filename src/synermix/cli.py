@@ -206,47 +206,58 @@ def _serve(args: argparse.Namespace) -> int:
         token = args.token_file.read_text().strip()
         if not token:
             raise UserError(f"--token-file {args.token_file} is empty")
-    run(ServeSettings.from_params(values, token=token, tracking_uri=_store_uri(params)))
+    store = _store_uri(params)
+    if any(spec and spec.startswith("models:/") for spec in (values.model, values.shadow)):
+        from synermix.tracking import require_store
+
+        require_store(store or os.environ.get("MLFLOW_TRACKING_URI") or "")
+    run(ServeSettings.from_params(values, token=token, tracking_uri=store))
     return 0
 
 
 def _rollout(args: argparse.Namespace, params) -> int:
-    import json
-
     from mlflow.exceptions import MlflowException
+
+    from synermix.errors import UserError
+    from synermix.tracking import redact_uri, require_store, store_errors, tracking_uri
+
+    uri = tracking_uri(params.mlflow)
+    require_store(uri)  # these commands read a registry: an absent SQLite file is a wrong folder
+    try:
+        with store_errors(uri):
+            return _rollout_command(args, params)
+    except MlflowException as exc:
+        raise UserError(
+            f"MLflow at {redact_uri(uri)} refused: {exc.message}; check "
+            "MLFLOW_TRACKING_URI / mlflow.tracking_uri and registry.model_name"
+        ) from None
+
+
+def _rollout_command(args: argparse.Namespace, params) -> int:
+    import json
 
     from synermix import pilot, rollout
     from synermix.bundle import bundle_version
-    from synermix.errors import UserError
-    from synermix.tracking import redact_uri, tracking_uri
 
-    try:
-        if args.command == "promote":
-            result = rollout.promote(params, args.alias, args.version, args.reason, args.by)
-            _say(
-                f"{params.registry.model_name}@{args.alias} = version {result['version']}"
-                + ("" if result["moved"] else " (already)")
-            )
-        elif args.command == "rollback":
-            result = rollout.rollback(params, args.alias, args.reason, args.by)
-            _say(f"{params.registry.model_name}@{args.alias}: version {result['from']} -> {result['to']}")
-        elif args.command == "pilot-eval":
-            result = pilot.pilot_eval(
-                params, args.images, args.version, args.by, args.batch_size, args.provider
-            )
-            _say(json.dumps(result, indent=2, default=str) if args.json else pilot.format_pilot(result))
-        elif args.command == "status":
-            report = rollout.status(params, args.history)
-            _say(json.dumps(report, indent=2) if args.json else rollout.format_status(report))
-        elif args.command == "bundle":
-            version = args.version
-            bundle_version(params, args.out, None if version else args.alias, version)
-            _say(f"bundle written to {args.out}")
-    except MlflowException as exc:
-        raise UserError(
-            f"MLflow at {redact_uri(tracking_uri(params.mlflow))} refused: {exc.message}; check "
-            "MLFLOW_TRACKING_URI / mlflow.tracking_uri and registry.model_name"
-        ) from None
+    if args.command == "promote":
+        result = rollout.promote(params, args.alias, args.version, args.reason, args.by)
+        _say(
+            f"{params.registry.model_name}@{args.alias} = version {result['version']}"
+            + ("" if result["moved"] else " (already)")
+        )
+    elif args.command == "rollback":
+        result = rollout.rollback(params, args.alias, args.reason, args.by)
+        _say(f"{params.registry.model_name}@{args.alias}: version {result['from']} -> {result['to']}")
+    elif args.command == "pilot-eval":
+        result = pilot.pilot_eval(params, args.images, args.version, args.by, args.batch_size, args.provider)
+        _say(json.dumps(result, indent=2, default=str) if args.json else pilot.format_pilot(result))
+    elif args.command == "status":
+        report = rollout.status(params, args.history)
+        _say(json.dumps(report, indent=2) if args.json else rollout.format_status(report))
+    elif args.command == "bundle":
+        version = args.version
+        bundle_version(params, args.out, None if version else args.alias, version)
+        _say(f"bundle written to {args.out}")
     return 0
 
 

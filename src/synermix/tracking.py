@@ -64,6 +64,51 @@ def tracking_uri(params: MlflowParams) -> str:
     return uri
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (relative to the current folder, as
+    SQLAlchemy reads it); None for any other store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///") :].split("?", 1)[0])
+
+
+def require_store(uri: str) -> None:
+    """Refuse to read a SQLite store that does not exist: MLflow would create an empty one
+    (a relative ``sqlite:///mlflow.db`` run from another folder answered "no versions")."""
+    path = sqlite_file(uri)
+    if path is not None and not path.is_file():
+        raise UserError(
+            f"no MLflow store at {path.absolute()}: nothing was tracked there yet (run the pipeline: "
+            f"dvc repro), or this is not the project root ({redact_uri(uri)} is read relative to the "
+            "current folder; run from the project root or give sqlite:////absolute/path/mlflow.db)"
+        )
+
+
+@contextmanager
+def store_errors(uri: str) -> Iterator[None]:
+    """A store that is locked, corrupt or not a database: one line naming it, not a
+    traceback from SQLAlchemy inside MLflow."""
+    from sqlalchemy.exc import DatabaseError, OperationalError
+
+    try:
+        yield
+    except (OperationalError, DatabaseError) as exc:
+        reason = getattr(exc, "orig", None) or exc
+        raise UserError(
+            f"the MLflow store {redact_uri(uri)} cannot be used ({str(reason).splitlines()[0]}): "
+            "another process may hold it locked (try again), or the file is not an MLflow database"
+        ) from None
+    except Exception as exc:  # MLflow wraps SQLAlchemy's errors in its own exceptions
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, OperationalError | DatabaseError):
+            reason = getattr(cause, "orig", None) or cause
+            raise UserError(
+                f"the MLflow store {redact_uri(uri)} cannot be used ({str(reason).splitlines()[0]}): "
+                "another process may hold it locked (try again), or the file is not an MLflow database"
+            ) from None
+        raise
+
+
 def client(uri: str | None) -> Any:
     """The MLflow client on the store at ``uri`` (its model registry too, unless
     ``MLFLOW_REGISTRY_URI`` names another one): the one place a client is built. None:
