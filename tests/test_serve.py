@@ -577,3 +577,29 @@ def test_inference_failure_answers_503_and_takes_readiness_down(bundles):
         classifier.probabilities = real
         assert client.predict(good)[0] == 200  # a run that succeeds makes it ready again
         assert client.request("GET", "/readyz")[0] == 200
+
+
+def test_a_bundle_caught_mid_copy_is_refused_then_taken_once_whole(bundles, tmp_path):
+    """The watcher's fingerprint covers every file of a bundle, not only SHA256SUMS: a
+    bundle refused half-copied is loaded as soon as its files are whole, and a file
+    rewritten under unchanged checksums is refused (it fails verification)."""
+    live = tmp_path / "live"
+    shutil.copytree(bundles["a"], live)
+    with serving(str(live), provider="cpu", poll_seconds=0) as (client, service):
+        before = service.primary.current.about["sha256"]
+        # bundle b arrives file by file: its checksums first, its model half-written
+        for name in os.listdir(bundles["b"]):
+            if name != "model.onnx":
+                shutil.copy(bundles["b"] / name, live / name)
+        whole = (bundles["b"] / "model.onnx").read_bytes()
+        (live / "model.onnx").write_bytes(whole[: len(whole) // 2])
+        assert service.primary.check() is False and service.primary.current.about["sha256"] == before
+        assert service.primary.last_error
+        (live / "model.onnx").write_bytes(whole)  # the copy completes: same SHA256SUMS, new files
+        assert service.primary.check() is True
+        assert service.primary.current.about["sha256"] == _sha(bundles["b"] / "model.onnx")
+        assert client.predict(images(1)[0][1])[0] == 200
+        # a model rewritten in place under the same checksums is refused, the served one stays
+        (live / "model.onnx").write_bytes((bundles["a"] / "model.onnx").read_bytes())
+        assert service.primary.check() is False and "checksum mismatch" in service.primary.last_error
+        assert service.primary.current.about["sha256"] == _sha(bundles["b"] / "model.onnx")

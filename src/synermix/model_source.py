@@ -110,7 +110,13 @@ def fingerprint(spec: str, tracking_uri: str | None = None) -> str:
     path = Path(spec)
     sums = path / "SHA256SUMS"
     if sums.is_file():
-        return hashlib.sha256(sums.read_bytes()).hexdigest()
+        # the checksums, and every file's size and time: a file rewritten under an unchanged
+        # SHA256SUMS is a change too (loading it then fails verification, as it should)
+        digest = hashlib.sha256(sums.read_bytes())
+        for file in sorted(p for p in path.rglob("*") if not p.is_dir()):
+            info = file.lstat()
+            digest.update(f"{file.relative_to(path)}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+        return digest.hexdigest()
     stat = path.stat()
     return f"{stat.st_size}:{stat.st_mtime_ns}"
 
