@@ -1,5 +1,6 @@
-"""Shared fixtures: tiny folder datasets, params built in code, real PostgreSQL / MLflow
-servers (helpers that are not fixtures live in tests/helpers/).
+"""Shared fixtures: tiny folder datasets, params built in code, a trained project, a model
+registry with hand-tagged versions, real PostgreSQL / MLflow servers (helpers that are not
+fixtures live in tests/helpers/).
 
 Every test writes under ``tmp_path``; nothing touches the project's own data/ or reports/.
 """
@@ -81,6 +82,39 @@ def train_project(tmp_path, make_dataset, make_params, monkeypatch):
         return raw
 
     return build
+
+
+@pytest.fixture
+def fake_registry(tmp_path, monkeypatch):
+    """A registry with versions whose tags a test sets (no training): the policy checks.
+
+    Returns (params, client, add, tracking uri); ``add(gates_passed="true", gate__x="FAIL")``
+    registers a version with those tags (``__`` becomes ``.``) and returns its number."""
+    import mlflow
+
+    from synermix import registry
+    from synermix.tracking import client, experiment_id, using_store
+
+    from .helpers.registry import PILOT_GATES
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    params = parse_params({"mlflow": {"experiment": "fake"}, "registry": {"production_gates": PILOT_GATES}})
+    c = client(uri)
+    registry.ensure_model(c, "synermix")
+    experiment = experiment_id(c, params.mlflow)
+    (tmp_path / "weights.txt").write_text("not a model")
+
+    def add(**tags) -> str:
+        with using_store(uri), mlflow.start_run(experiment_id=experiment) as run:
+            mlflow.log_artifact(str(tmp_path / "weights.txt"), artifact_path="model")
+        mv = c.create_model_version("synermix", f"{run.info.artifact_uri}/model", run.info.run_id)
+        for key, value in tags.items():
+            c.set_model_version_tag("synermix", mv.version, key.replace("__", "."), value)
+        return str(mv.version)
+
+    return params, c, add, uri
 
 
 @pytest.fixture(scope="session")

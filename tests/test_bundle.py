@@ -1,27 +1,37 @@
 """The deploy bundle on a real (tiny, randomly initialised) ONNX export: layout, checksums the
-coreutils ``sha256sum`` accepts, tamper detection, never overwriting, and that it runs."""
+coreutils ``sha256sum`` accepts, tamper detection, never overwriting, and that it runs; and
+the bundle of a really trained, registered and promoted production version, run offline."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
+import yaml
 
 from synermix import bundle as bd
 from synermix import onnx_export as ox
+from synermix import pilot as pilot_line
+from synermix import registry, rollout
 from synermix.bundle import BundleFile, is_bundle, render_model_card, verify_bundle, write_bundle
 from synermix.data.transforms import Preprocessing
 from synermix.errors import UserError
 from synermix.inference import Classifier, ModelInfo, read_files
+from synermix.paths import ONNX_MODEL
+from synermix.stages.register import run_register
+from synermix.tracking import client
 
 from .helpers import noise_image
+from .helpers.registry import build_project, pilot_folder
 
 CLASSES = ["crack", "ok", "scratch"]
 EXPECTED_FILES = {
@@ -336,3 +346,61 @@ def test_model_card_copes_with_empty_and_odd_info():
     assert "# m\n" in card and "@production" in card and "| accuracy | nan |" in card
     assert "| g1 | pass |" in card and "a\\|b" in card and "Gates: partial" in card
     assert "0.5000" in card and "## Other" in card and "1.23457" in card and "## Lineage" not in card
+
+
+@pytest.mark.integration  # trains, registers and shells out
+def test_bundle_of_production_verifies_and_runs_with_predict(tmp_path, train_project):
+    params, raw, uri = build_project(tmp_path, train_project, auto_pilot=True)
+    run_register(params, tmp_path)
+    c = client(uri)
+    assert registry.aliases_of(c, "synermix") == {"candidate": "1", "pilot": "1"}
+    pilot = pilot_folder(tmp_path, {"crack": 4, "ok": 2, "scratch": 2})
+    pilot_line.pilot_eval(params, pilot)
+    rollout.promote(params, "production", None, "first release")
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "line-bundle"
+    cli = [sys.executable, "-m", "synermix.cli", "--params", str(params_file)]
+    done = subprocess.run([*cli, "bundle", "--alias", "production", "--out", str(out)], env=env, text=True,
+                          capture_output=True, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        "MODEL_CARD.md",
+        "SHA256SUMS",
+        "bundle.json",
+        "labels.txt",
+        "model.onnx",
+        "preprocessing.json",
+    ]
+    assert subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=out).returncode == 0
+    card = (out / "MODEL_CARD.md").read_text()
+    info = json.loads((out / "bundle.json").read_text())["info"]
+    assert info["version"] == "1" and info["alias"] == "production"
+    assert info["lineage"]["train_run_id"] in card and "first release" in card
+    assert (out / "model.onnx").read_bytes() == (tmp_path / ONNX_MODEL).read_bytes()
+
+    # a line machine: no MLflow, only the bundle
+    offline = {k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"}
+    predict = [*cli[:3], "predict", str(pilot), "--model", str(out), "--format", "json", "--provider", "cpu"]
+    done = subprocess.run(predict, env=offline, text=True, capture_output=True, cwd=out.parent)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)["predictions"]
+    assert len(rows) == 8 and {r["class"] for r in rows} <= {"crack", "ok", "scratch"}
+    # the same through the registry URI
+    done = subprocess.run([*predict[:6], "models:/synermix@production", *predict[7:]], env=env, text=True,
+                          capture_output=True, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert [r["class"] for r in json.loads(done.stdout)["predictions"]] == [r["class"] for r in rows]
+
+    # a damaged bundle is refused before anything runs; an existing folder is never overwritten
+    data = bytearray((out / "model.onnx").read_bytes())
+    data[-1] ^= 1
+    (out / "model.onnx").write_bytes(bytes(data))
+    done = subprocess.run(predict, env=offline, text=True, capture_output=True, cwd=out.parent)
+    assert done.returncode == 2 and "model.onnx (checksum mismatch)" in done.stderr
+    done = subprocess.run([*cli, "bundle", "--out", str(out)], env=env, text=True, capture_output=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert (out / "model.onnx").read_bytes() == bytes(data)

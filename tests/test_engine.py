@@ -157,3 +157,16 @@ def test_cuda_step_with_autocast_and_channels_last():
     assert math.isfinite(stats["train_loss"])
     result = evaluate(model, [(loader()[0][0], loader()[0][2])], setup, 2)
     assert 0.0 <= result["accuracy"] <= 1.0
+
+
+# marked integration as it was (module-wide) before the tests were split by module, so
+# `make test-unit` runs the same tests as before
+@pytest.mark.integration
+def test_backbone_learning_rate_scale():
+    model = build_model("resnet18", 3, 1, width=8)
+    optimizer = build_optimizer(model, "sgd", 0.1, 0.9, 0.0, backbone_lr_scale=0.1)
+    head, backbone = optimizer.param_groups
+    assert head["lr"] == pytest.approx(0.1) and backbone["lr"] == pytest.approx(0.01)
+    assert {id(p) for p in head["params"]} == {id(p) for p in model.classifier.parameters()}
+    assert len(head["params"]) + len(backbone["params"]) == len(list(model.parameters()))
+    assert len(build_optimizer(model, "sgd", 0.1, 0.9, 0.0).param_groups) == 1

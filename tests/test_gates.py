@@ -1,10 +1,19 @@
-"""Release gates: each passing and failing, switched off, champion comparisons, verdict."""
+"""Release gates: each passing and failing, switched off, champion comparisons, verdict; the
+production gates of a promotion to @production (pilot evidence, no regression)."""
 
 import math
 
 import pytest
 
-from synermix.gates import THRESHOLD_GATES, champion_gates, format_table, threshold_gates, verdict
+from synermix.config import parse_params
+from synermix.gates import (
+    THRESHOLD_GATES,
+    champion_gates,
+    format_table,
+    production_checks,
+    threshold_gates,
+    verdict,
+)
 
 NAMES = ["crack", "ok", "scratch"]
 GOOD = {
@@ -108,3 +117,54 @@ def test_metric_and_gate_code_imports_no_mlflow_dvc_optuna_gx_or_torch():
     code = f"import sys, synermix.metrics, synermix.gates; print([m for m in {heavy!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# the production-gate tests: marked integration as they were (module-wide) before the tests
+# were split by module, so `make test-unit` runs the same tests as before
+def production_tags(**overrides) -> dict:
+    tags = {
+        "gates_passed": "true",
+        "held.pilot": "true",
+        "pilot_eval.images": "150",
+        "pilot_eval.at": "2026-11-20T08:00:00Z",
+        "pilot_eval.accuracy": "0.80",
+        "pilot_eval.macro_recall": "0.70",
+        "pilot_eval.recall_min": "0.50",
+        "pilot_eval.production_version": "3",
+        "pilot_eval.production_accuracy": "0.79",
+        "pilot_eval.production_macro_recall": "0.71",
+    }
+    return {**tags, **overrides}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("overrides", "current", "failing"),
+    [
+        ({}, "3", set()),
+        ({"held.pilot": ""}, "3", {"held_pilot"}),
+        ({"gates_passed": "false"}, "3", {"release_gates"}),
+        ({"pilot_eval.images": "99"}, "3", {"min_images"}),
+        ({"pilot_eval.accuracy": "0.49"}, "3", {"pilot_min_accuracy", "no_regression_accuracy"}),
+        ({"pilot_eval.macro_recall": "0.68"}, "3", {"no_regression_macro_recall"}),
+        ({"pilot_eval.at": "2026-09-01T00:00:00Z"}, "3", {"evidence_age_days"}),
+        ({}, "4", {"no_regression"}),  # production changed since the pilot evaluation
+        ({"pilot_eval.production_version": ""}, None, set()),  # the first production version
+    ],
+)
+def test_production_checks(overrides, current, failing):
+    from datetime import UTC, datetime
+
+    gates = parse_params({}).registry.production_gates
+    results = production_checks(
+        production_tags(**overrides), gates, "5", current, now=datetime(2026, 11, 28, tzinfo=UTC)
+    )
+    assert {r.gate for r in results if r.passed is False} == failing
+
+
+@pytest.mark.integration
+def test_production_checks_without_evidence():
+    gates = parse_params({}).registry.production_gates
+    tags = {"gates_passed": "true", "held.pilot": "true"}
+    results = production_checks(tags, gates, "2", "1")
+    assert [r.gate for r in results if r.passed is False] == ["pilot_evidence"]

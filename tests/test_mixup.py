@@ -192,3 +192,19 @@ def test_manifold_point_and_lambda_come_from_the_seeded_generator():
 def test_invalid_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SynerMixLoss(num_classes=3, rng=MixRandom(0), **kwargs)
+
+
+# marked integration as it was (module-wide) before the tests were split by module, so
+# `make test-unit` runs the same tests as before
+@pytest.mark.integration
+def test_class_weights_and_label_smoothing_reach_the_inter_loss():
+    torch.manual_seed(0)
+    model = build_model("resnet18", 3, 1, small_input_stem=True, width=8)
+    x, y = torch.randn(6, 1, 16, 16), torch.tensor([0, 0, 1, 1, 2, 2])
+    weight = torch.tensor([1.0, 2.0, 0.5])
+    loss = SynerMixLoss("erm", 3, MixRandom(0), class_weights=weight, label_smoothing=0.1)
+    model.eval()
+    expected = torch.nn.functional.cross_entropy(model(x), y, weight=weight, label_smoothing=0.1)
+    torch.testing.assert_close(loss(model, x, x, y).total, expected)
+    plain = SynerMixLoss("erm", 3, MixRandom(0))(model, x, x, y).total
+    assert not torch.allclose(plain, expected)

@@ -2,6 +2,7 @@ import pytest
 import torch
 import torchvision.models as tvm
 
+from synermix.config import TrainParams
 from synermix.models import ARCHITECTURES, build_model
 
 
@@ -60,3 +61,15 @@ def test_grey_models_take_one_channel():
 def test_bad_arguments(args, match):
     with pytest.raises(ValueError, match=match):
         build_model(*args)
+
+
+# marked integration as it was (module-wide) before the tests were split by module, so
+# `make test-unit` runs the same tests as before
+@pytest.mark.integration
+def test_width_narrows_a_resnet():
+    wide, narrow = build_model("resnet18", 4, 1), build_model("resnet18", 4, 1, width=16)
+    assert narrow.feature_dim == 128 and wide.feature_dim == 512
+    assert sum(p.numel() for p in narrow.parameters()) < sum(p.numel() for p in wide.parameters()) / 10
+    assert narrow(torch.randn(2, 1, 64, 64)).shape == (2, 4)
+    with pytest.raises(ValueError, match="ResNets only"):
+        TrainParams(arch="mobilenet_v3_small", width=16)

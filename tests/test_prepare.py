@@ -1,5 +1,8 @@
+"""Preparing a dataset (synermix.data.prepare): the manifest, images and splits, undecodable
+files, copies of one picture, the per-class cap, the real ELPV subset, and what it refuses to
+overwrite. The prepare stage: tests/stages/test_prepare.py."""
+
 import hashlib
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -10,31 +13,10 @@ from synermix.data.manifest import BASE_COLUMNS, read_manifest
 from synermix.data.prepare import MARKER_NAME, cap_per_class, prepare_dataset
 from synermix.data.sources import list_elpv
 from synermix.errors import UserError
-from synermix.paths import PREPARE_SUMMARY, PREPARED_DIR
-from synermix.stages.prepare import run_prepare
 
 from .helpers import noise_image
 
 SPLIT = {"train": 0.7, "val": 0.15, "test": 0.15}
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
-
-
-def test_rerun_gives_byte_identical_outputs(tmp_path, make_dataset, make_params):
-    make_dataset(mode="RGB")
-    params = make_params(data={"source": f"folder:{tmp_path / 'photos'}", "image_size": 24})
-    run_prepare(params, tmp_path)
-    first = tree_digest(tmp_path / PREPARED_DIR)
-    summary = (tmp_path / PREPARE_SUMMARY).read_bytes()
-    run_prepare(params, tmp_path)
-    assert tree_digest(tmp_path / PREPARED_DIR) == first
-    assert (tmp_path / PREPARE_SUMMARY).read_bytes() == summary
 
 
 def test_manifest_columns_images_and_splits(tmp_path, make_dataset):

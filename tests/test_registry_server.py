@@ -4,7 +4,8 @@
 import pytest
 
 from synermix import registry
-from tests.test_registry import build_project, rollout_flow
+
+from .helpers.registry import build_project, rollout_flow
 
 # trains a model, starts a server or shells out (make test-unit leaves these out)
 pytestmark = pytest.mark.integration

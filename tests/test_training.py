@@ -1,4 +1,5 @@
-"""Training on real ELPV images: it learns, and a killed run resumes to the same result."""
+"""Training on real ELPV images: it learns, and a killed run resumes to the same result; the recipe
+knobs of a run: best-epoch selection, EMA, class weights and balancing, the input-size check."""
 
 import math
 import signal
@@ -7,9 +8,13 @@ import sys
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from synermix.config import TrainParams
-from synermix.training import load_trained_model, save_trained_model
+from synermix.data.datasets import InspectionImages
+from synermix.engine import evaluate, select_device
+from synermix.errors import UserError
+from synermix.training import check_input_size, class_weight_vector, load_trained_model, save_trained_model
 
 from .helpers import REPO_ROOT, fit, prepare_elpv
 from .train_job import TRAIN, rows
@@ -174,3 +179,82 @@ def test_fingerprint_covers_image_bytes_and_params(prepared, tmp_path, cache):
     shutil.copytree(prepared, copy)
     (copy / train["path"].iloc[0]).write_bytes((copy / train["path"].iloc[1]).read_bytes())
     assert base != run_fingerprint(params, 7, names, *images(copy))
+
+
+# -- the recipe knobs (a smaller ELPV subset) -----------------------------------------------
+
+NAMES = ["defective", "functional"]
+
+
+@pytest.fixture(scope="module")
+def recipe_elpv(tmp_path_factory):
+    return prepare_elpv(
+        tmp_path_factory.mktemp("elpv-recipe") / "prepared", seed=5, max_per_class=60, image_size=40
+    )
+
+
+def val_score(result, prepared, val):
+    images = InspectionImages(val, prepared, NAMES, result.preprocessing, 32, 1)
+    return evaluate(result.model, DataLoader(images, batch_size=64), select_device("cpu"), len(NAMES))
+
+
+def test_best_epoch_selection_returns_the_weights_of_the_best_val_epoch(recipe_elpv):
+    train, val = rows(recipe_elpv)
+    # a high constant learning rate makes val scores jump from epoch to epoch
+    knobs = {**TRAIN, "epochs": 5, "lr": 0.2, "schedule": "step", "gamma": 1.0, "warmup_epochs": 0}
+    best = fit(train, val, recipe_elpv, NAMES, TrainParams(**knobs, keep="best"), seed=11)
+    last = fit(train, val, recipe_elpv, NAMES, TrainParams(**knobs, keep="last"), seed=11)
+    scores = [row["val_macro_recall"] for row in best.history]
+    # selection does not change training: the same epochs either way
+    assert scores == [row["val_macro_recall"] for row in last.history]
+    assert best.selected_epoch == scores.index(max(scores)) + 1
+    assert last.selected_epoch == len(scores) and last.selected == last.history[-1]
+    got_best, got_last = val_score(best, recipe_elpv, val), val_score(last, recipe_elpv, val)
+    assert got_best["macro_recall"] == pytest.approx(best.selected["val_macro_recall"])
+    assert got_best["loss"] == pytest.approx(best.selected["val_loss"], rel=1e-5)
+    assert got_last["loss"] == pytest.approx(last.history[-1]["val_loss"], rel=1e-5)
+    if best.selected_epoch != len(scores):
+        assert got_best["loss"] != pytest.approx(got_last["loss"], rel=1e-5)
+
+
+def test_selection_on_val_accuracy(recipe_elpv):
+    train, val = rows(recipe_elpv)
+    knobs = {**TRAIN, "epochs": 3, "lr": 0.2, "schedule": "step", "gamma": 1.0, "warmup_epochs": 0}
+    result = fit(train, val, recipe_elpv, NAMES, TrainParams(**knobs, select_metric="val_accuracy"), seed=2)
+    accuracies = [row["val_accuracy"] for row in result.history]
+    assert result.selected_epoch == accuracies.index(max(accuracies)) + 1
+
+
+def test_ema_weights_are_validated_and_returned(recipe_elpv):
+    train, val = rows(recipe_elpv)
+    knobs = {**TRAIN, "epochs": 2, "keep": "last"}
+    plain = fit(train, val, recipe_elpv, NAMES, TrainParams(**knobs), seed=4)
+    ema = fit(train, val, recipe_elpv, NAMES, TrainParams(**knobs, ema_decay=0.9), seed=4)
+    # the same training steps; the averaged weights are what is scored and returned
+    assert [r["train_loss"] for r in ema.history] == [r["train_loss"] for r in plain.history]
+    assert ema.history[-1]["val_loss"] != plain.history[-1]["val_loss"]
+    assert val_score(ema, recipe_elpv, val)["loss"] == pytest.approx(ema.history[-1]["val_loss"], rel=1e-5)
+
+
+def test_balanced_class_weights_average_one_over_the_images():
+    params = TrainParams(class_weights="balanced", balance_power=1.0)
+    labels = [0] * 30 + [1] * 10
+    w = class_weight_vector(params, ["a", "b"], labels)
+    assert w[1] / w[0] == pytest.approx(3.0)
+    assert float((w[torch.tensor(labels)]).mean()) == pytest.approx(1.0)
+    half = class_weight_vector(TrainParams(class_weights="balanced", balance_power=0.5), ["a", "b"], labels)
+    assert half[1] / half[0] == pytest.approx(3.0**0.5)
+    assert class_weight_vector(TrainParams(), ["a", "b"], labels) is None
+
+
+def test_named_class_weights_and_an_unknown_class():
+    w = class_weight_vector(TrainParams(class_weights={"b": 4.0}), ["a", "b"], [0, 1])
+    assert w.tolist() == [1.0, 4.0]
+    with pytest.raises(UserError, match=r"'crack'.*the classes are a, b"):
+        class_weight_vector(TrainParams(class_weights={"crack": 2.0}), ["a", "b"], [0, 1])
+
+
+def test_an_input_size_the_backbone_cannot_take():
+    with pytest.raises(UserError, match=r"train.image_size 16 is too small for convnext_tiny"):
+        check_input_size(TrainParams(arch="convnext_tiny", width=None, image_size=16), 1, 4)
+    check_input_size(TrainParams(arch="resnet18", image_size=16, width=8), 1, 4)

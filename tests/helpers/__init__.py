@@ -1,5 +1,6 @@
 """Test helpers that are not fixtures: image factories, a small prepared ELPV subset, and
-training from rows in one call."""
+training from rows in one call (tests/helpers/registry.py: a project ready to register and
+the staged rollout flow)."""
 
 from __future__ import annotations
 

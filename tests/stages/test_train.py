@@ -1,4 +1,5 @@
-"""The train stage end to end in-process: real MLflow (SQLite) store, real images."""
+"""The train stage end to end in-process: real MLflow (SQLite) store, real images; the tuned
+params it takes from best_params.yaml."""
 
 import json
 
@@ -7,10 +8,11 @@ import pytest
 import torch
 
 from synermix import tracking
-from synermix.errors import CheckFailed
+from synermix.config import parse_params
+from synermix.errors import CheckFailed, UserError
 from synermix.paths import MODEL_DIR, TRAIN_CHECKPOINT, TRAIN_HISTORY, TRAIN_METRICS
 from synermix.stages.prepare import run_prepare
-from synermix.stages.train import run_train
+from synermix.stages.train import apply_tuned, run_train
 from synermix.training import load_trained_model
 
 # trains a model, starts a server or shells out (make test-unit leaves these out)
@@ -149,3 +151,15 @@ def test_warm_start_from_a_state_dict_is_recorded(tmp_path, stage_params, make_p
     run = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(meta["mlflow_run_id"])
     assert run.data.tags["init_sha256"] == sha and run.data.params["init.kind"] == "file"
     assert run.data.params["train.backbone_lr_scale"] == "0.1"
+
+
+def test_a_damaged_best_params_file_is_refused(tmp_path):
+    train = parse_params({}).train
+    path = tmp_path / "best_params.yaml"
+    path.write_text("tuned: true\nparams: {arch: resnet50}\n")
+    with pytest.raises(UserError, match=r"cannot set train.arch"):
+        apply_tuned(train, path)
+    path.write_text("tuned: true\nparams: {beta: 2.0}\n")
+    with pytest.raises(UserError, match=r"beta = 2.0: Input should be less than or equal to 1"):
+        apply_tuned(train, path)
+    assert apply_tuned(train, tmp_path / "missing.yaml") == (train, {})
