@@ -404,3 +404,20 @@ def test_bundle_of_production_verifies_and_runs_with_predict(tmp_path, train_pro
     done = subprocess.run([*cli, "bundle", "--out", str(out)], env=env, text=True, capture_output=True)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert (out / "model.onnx").read_bytes() == bytes(data)
+
+
+def test_a_build_folder_left_by_a_killed_writer_is_removed_at_the_next_bundle(sources, tmp_path):
+    """kill -9 during `synermix bundle` left `.line.<random>.partial` behind for good; the
+    writer's pid is now in the name, and the next bundle of that name removes folders whose
+    writer is dead, never one whose writer is alive."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    litter = tmp_path / f".line.{dead.pid}.x1.partial"
+    (litter / "half").mkdir(parents=True)
+    alive = tmp_path / f".line.{os.getpid()}.x2.partial"
+    alive.mkdir()
+    other = tmp_path / f".other.{dead.pid}.x3.partial"  # another bundle's: not this name's
+    other.mkdir()
+    write_bundle(sources, tmp_path / "line", INFO)
+    assert not litter.exists() and alive.is_dir() and other.is_dir()
+    assert is_bundle(tmp_path / "line") and not list(tmp_path.glob(".line.*.partial"))[1:]

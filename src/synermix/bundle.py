@@ -26,6 +26,7 @@ overwritten.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -266,6 +267,24 @@ def _fill(tmp: Path, sources: Mapping[str, Path], info: Mapping[str, Any]) -> Mo
     return model.info
 
 
+def _remove_litter(parent: Path, name: str) -> None:
+    """Remove the hidden build folders of bundles for ``name`` whose writer died (kill -9,
+    power loss): ``.<name>.<pid>.<random>.partial`` with no such process alive."""
+    for tmp in parent.glob(f".{glob.escape(name)}.*.partial"):
+        pid = tmp.name[len(name) + 2 :].split(".", 1)[0]
+        if not pid.isdigit() or not tmp.is_dir() or tmp.is_symlink():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive: another bundle is being written there now
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, another user's
+        log.info("removing %s: a bundle left half-built by a writer that died", tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_bundle(onnx_files: Mapping[str, Path], out: Path, info: Mapping[str, Any]) -> Path:
     """Write a deploy bundle of ``onnx_files`` (bundle name -> source file) to ``out``.
 
@@ -281,7 +300,9 @@ def write_bundle(onnx_files: Mapping[str, Path], out: Path, info: Mapping[str, A
     sources = _check_sources(onnx_files)
     parent = out.absolute().parent
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=parent))
+    _remove_litter(parent, out.name)
+    # the pid in the name tells a later run whether the writer is still alive
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".partial", dir=parent))
     try:
         model_info = _fill(tmp, sources, info)
         # mkdtemp makes the folder private (0700); a bundle gets the usual umask permissions
