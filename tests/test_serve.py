@@ -440,6 +440,27 @@ def raw_exchange(port: int, data: bytes, wait: float = 10.0) -> bytes:
     return answer
 
 
+def read_one_response(conn: socket.socket) -> bytes:
+    """One whole HTTP response from a kept-alive connection: headers, then Content-Length bytes.
+
+    TCP may hand the headers and the body over in separate reads; one recv is not a response.
+    """
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        chunk = conn.recv(65536)
+        assert chunk, f"connection closed inside the response headers: {answer!r}"
+        answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        assert chunk, f"connection closed inside the response body: {answer!r}"
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
 def status_of(answer: bytes) -> int:
     return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else 0
 
@@ -508,8 +529,8 @@ def test_slow_and_idle_clients_are_cut_off_and_connections_are_limited(bundles):
         # an idle keep-alive connection is closed after idle_timeout
         with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
             conn.sendall(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
-            first = conn.recv(65536)
-            assert status_of(first) == 200
+            first = read_one_response(conn)
+            assert status_of(first) == 200 and first.endswith(b'{"status":"alive"}')
             conn.settimeout(5)
             assert conn.recv(65536) == b""  # closed by the server, no second answer
         # at most 4 open connections: the 5th is answered 503 and closed

@@ -22,20 +22,26 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def project(tmp_path, train_project, make_params):
-    """crack 20, ok 40, scratch 20 images (test split: 3, 6, 3), a trained model and its evaluation."""
+    """crack 20, ok 40, scratch 20 images (test split: 3, 6, 3), a trained model and its evaluation.
+
+    Gives the project root, params with an export section, and a function that re-runs evaluate.
+    """
     raw = train_project({"crack": 20, "ok": 40, "scratch": 20}, "export-test", gates=LAX)
     run_evaluate(make_params(**raw), tmp_path)
 
     def with_export(**export):
         return make_params(**raw, export=export)
 
-    return tmp_path, with_export
+    def evaluate():  # the model changed on disk: judge it again, as dvc repro would
+        run_evaluate(make_params(**raw), tmp_path)
+
+    return tmp_path, with_export, evaluate
 
 
 def test_export_writes_a_checked_self_describing_model_and_variants(project):
     import mlflow
 
-    root, with_export = project
+    root, with_export, _ = project
     summary = run_export(
         with_export(fp16=True, int8=True, max_accuracy_drop=1.0, calibration_images=16), root
     )
@@ -83,7 +89,7 @@ def test_export_writes_a_checked_self_describing_model_and_variants(project):
 
 
 def test_a_variant_that_loses_accuracy_is_refused(project):
-    root, with_export = project
+    root, with_export, evaluate = project
     # logits 1000.1 (crack) and 1000.2 (ok): FP32 predicts ok for every image (6 of 12 right);
     # in FP16 both round to 1000.0, the tie goes to crack (3 of 12): a drop of 0.25
     weights = root / MODEL_DIR / "weights.pt"
@@ -91,6 +97,7 @@ def test_a_variant_that_loses_accuracy_is_refused(project):
     state["classifier.weight"].zero_()
     state["classifier.bias"].copy_(torch.tensor([1000.1, 1000.2, 0.0]))
     torch.save(state, weights)
+    evaluate()
     with pytest.raises(
         CheckFailed, match=r"fp16 variant refused: test accuracy drops 0\.2500 below FP32 ONNX"
     ):
@@ -102,7 +109,7 @@ def test_a_variant_that_loses_accuracy_is_refused(project):
 
 
 def test_export_refuses_a_model_that_failed_enforced_gates(project):
-    root, with_export = project
+    root, with_export, _ = project
     summary = json.loads((root / "reports/evaluation.json").read_text())
     (root / "reports/evaluation.json").write_text(json.dumps({**summary, "passed": False, "enforced": True}))
     with pytest.raises(CheckFailed, match="failed its gates"):
@@ -110,7 +117,7 @@ def test_export_refuses_a_model_that_failed_enforced_gates(project):
 
 
 def test_a_parity_failure_fails_the_stage_after_writing_the_numbers(project):
-    root, with_export = project
+    root, with_export, _ = project
     # no float32 conv library reproduces another bit for bit: a 1e-15 tolerance cannot be met
     with pytest.raises(CheckFailed, match=r"ONNX parity failed on 12 val images: max \|logit difference\|"):
         run_export(with_export(parity_max_abs_diff=1e-15, fp16=True), root)
@@ -138,7 +145,7 @@ def test_a_stale_evaluation_is_not_trusted_by_export_or_register(project):
     with evaluate skipped used to export and register other weights as gates_passed."""
     from synermix.stages.register import run_register
 
-    root, with_export = project
+    root, with_export, _ = project
     evaluation = json.loads((root / "reports/evaluation.json").read_text())
     assert set(evaluation["model"]) == {"weights_sha256", "manifest_sha256", "class_names"}
     assert (
