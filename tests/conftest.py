@@ -89,7 +89,12 @@ def fake_registry(tmp_path, monkeypatch):
     """A registry with versions whose tags a test sets (no training): the policy checks.
 
     Returns (params, client, add, tracking uri); ``add(gates_passed="true", gate__x="FAIL")``
-    registers a version with those tags (``__`` becomes ``.``) and returns its number."""
+    registers a version with those tags (``__`` becomes ``.``) and returns its number. The
+    version names an evaluate run and an export run that agree with its tags, as the
+    register stage's versions do (:mod:`synermix.evidence` re-reads them);
+    ``add(runs=False, ...)`` registers one whose tags no run backs (forged)."""
+    import hashlib
+
     import mlflow
 
     from synermix import registry
@@ -106,12 +111,41 @@ def fake_registry(tmp_path, monkeypatch):
     experiment = experiment_id(c, params.mlflow)
     (tmp_path / "weights.txt").write_text("not a model")
 
-    def add(**tags) -> str:
+    def add(runs: bool = True, **tags) -> str:
+        tags = {key.replace("__", "."): value for key, value in tags.items()}
         with using_store(uri), mlflow.start_run(experiment_id=experiment) as run:
             mlflow.log_artifact(str(tmp_path / "weights.txt"), artifact_path="model")
         mv = c.create_model_version("synermix", f"{run.info.artifact_uri}/model", run.info.run_id)
+        if runs:
+            weights = hashlib.sha256(f"weights of {mv.version}".encode()).hexdigest()
+            onnx = hashlib.sha256(f"onnx of {mv.version}".encode()).hexdigest()
+            passed = tags.get("gates_passed") == "true"
+            metrics = {
+                key.removeprefix("metric."): float(value)
+                for key, value in tags.items()
+                if key.startswith("metric.")
+            }
+            with using_store(uri):
+                evaluate_tags = {
+                    "stage": "evaluate",
+                    "weights_sha256": weights,
+                    "gates_passed": str(passed).lower(),
+                }
+                with mlflow.start_run(experiment_id=experiment, tags=evaluate_tags) as evaluated:
+                    mlflow.log_metrics({**metrics, "gates_passed": float(passed)})
+                with mlflow.start_run(
+                    experiment_id=experiment, tags={"stage": "export", "onnx_sha256": onnx}
+                ) as ex:
+                    pass
+            tags = {
+                "weights_sha256": weights,
+                "onnx_sha256": onnx,
+                "evaluate_run_id": evaluated.info.run_id,
+                "export_run_id": ex.info.run_id,
+                **tags,
+            }
         for key, value in tags.items():
-            c.set_model_version_tag("synermix", mv.version, key.replace("__", "."), value)
+            c.set_model_version_tag("synermix", mv.version, key, value)
         return str(mv.version)
 
     return params, c, add, uri

@@ -152,3 +152,118 @@ def test_alias_lock_taken_when_the_holder_releases_during_a_duplicate_create(fak
     assert move.version == version
     assert registry.aliases_of(c, "synermix")["pilot"] == version
     assert registry.get_model(c, lock) is None
+
+
+def test_a_holder_that_outlived_its_lock_leaves_the_next_holders_lock_alone(fake_registry):
+    """The holder used to delete the lock by name in `finally`: one that ran past
+    stale_lock_seconds removed the lock of the command that had broken it and taken over."""
+    _params, c, _add, _ = fake_registry
+    lock = f"synermix{registry.LOCK_SUFFIX}"
+    with registry.alias_lock(c, "synermix") as mine:
+        # our lock is broken as stale and another command takes it, token "theirs"
+        assert registry.break_lock(c, lock, mine, stale_seconds=300)
+        c.create_registered_model(lock, tags={"token": "theirs"})
+    # leaving the block released nothing: the lock is theirs
+    assert registry.get_model(c, lock).tags["token"] == "theirs"
+    assert not registry.release_lock(c, lock, mine)
+    assert registry.release_lock(c, lock, "theirs") and registry.get_model(c, lock) is None
+
+
+def test_two_waiters_that_saw_one_stale_lock_break_it_once(fake_registry):
+    """A stale lock was deleted by name: a second waiter that had read the same stale lock
+    deleted the lock the first waiter took after breaking it."""
+    _params, c, _add, _ = fake_registry
+    lock = f"synermix{registry.LOCK_SUFFIX}"
+    c.create_registered_model(lock, tags={"token": "crashed"})
+    first_saw = second_saw = registry.get_model(c, lock).tags["token"]
+    assert registry.break_lock(c, lock, first_saw, stale_seconds=300)
+    c.create_registered_model(lock, tags={"token": "first"})  # the first waiter's new lock
+    assert not registry.break_lock(c, lock, second_saw, stale_seconds=300)
+    assert registry.get_model(c, lock).tags["token"] == "first"
+    # a break lock left by a breaker that crashed is removed once stale, then breaking works
+    c.create_registered_model(f"{lock}{registry.BREAK_SUFFIX}", tags={"token": "dead-breaker"})
+    assert not registry.break_lock(c, lock, "first", stale_seconds=300)
+    assert registry.get_model(c, lock).tags["token"] == "first"
+    assert not registry.break_lock(c, lock, "first", stale_seconds=0)  # removes the dead break lock
+    assert registry.break_lock(c, lock, "first", stale_seconds=0)
+    assert registry.get_model(c, lock) is None
+    assert registry.get_model(c, f"{lock}{registry.BREAK_SUFFIX}") is None
+
+
+def test_a_lock_whose_process_is_gone_is_broken_at_once(fake_registry):
+    """kill -9 during a move left the lock for stale_lock_seconds (5 minutes) before."""
+    _params, c, add, _ = fake_registry
+    version = add(gates_passed="true")
+    lock = f"synermix{registry.LOCK_SUFFIX}"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    here = registry._process_marks()
+    c.create_registered_model(
+        lock, tags={**here, "pid": str(dead.pid), "token": "killed", "holder": "killed"}
+    )
+    move = registry.move_alias(c, "synermix", "pilot", version, action="promote", reason="r", wait_seconds=5)
+    assert move is not None and registry.get_model(c, lock) is None
+    # the same PID on another host (or a live PID) says nothing: wait, then refuse
+    c.create_registered_model(lock, tags={**here, "host": "elsewhere", "pid": str(dead.pid), "holder": "far"})
+    with pytest.raises(UserError, match="far"):
+        registry.move_alias(
+            c, "synermix", "candidate", version, action="promote", reason="r", wait_seconds=0.3
+        )
+    c.delete_registered_model(lock)
+    c.create_registered_model(lock, tags={**here, "pid": "1", "holder": "init"})
+    with pytest.raises(UserError, match="init"):
+        registry.move_alias(
+            c, "synermix", "candidate", version, action="promote", reason="r", wait_seconds=0.3
+        )
+
+
+def test_a_move_cut_off_after_the_alias_write_is_recorded_at_the_next_command(fake_registry, monkeypatch):
+    """The alias was written, then the command died before the history record: the alias
+    had moved with no history, and rollback found no earlier holder."""
+    from synermix import evidence, rollout
+
+    params, c, add, _ = fake_registry
+    first, second = add(gates_passed="true"), add(gates_passed="true")
+    registry.move_alias(c, "synermix", "pilot", first, action="promote", reason="first")
+    real_record = registry._record
+
+    def killed(*args):
+        raise KeyboardInterrupt  # the command dies between the alias write and the record
+
+    monkeypatch.setattr(registry, "_record", killed)
+    with pytest.raises(KeyboardInterrupt):
+        registry.move_alias(c, "synermix", "pilot", second, action="promote", reason="second", by="qa")
+    monkeypatch.setattr(registry, "_record", real_record)
+    assert registry.aliases_of(c, "synermix")["pilot"] == second
+    assert [m.version for m in registry.alias_history(c, "synermix", "pilot")] == [first]
+    [intent] = registry.pending_intents(c, "synermix").values()
+    assert (intent.version, intent.previous, intent.by) == (second, first, "qa")
+    assert "cut off before it was recorded" in evidence.alias_problems(c, "synermix", "pilot", second)[0]
+
+    rollout.status(params)  # the next command reconciles
+    moves = registry.alias_history(c, "synermix", "pilot")
+    assert [(m.previous, m.version) for m in moves] == [("", first), (first, second)]
+    assert moves[-1].reason == "second" + registry.RECONCILED_NOTE and moves[-1].by == "qa"
+    assert c.get_model_version("synermix", second).tags["alias.pilot.previous"] == first
+    assert registry.pending_intents(c, "synermix") == {}
+    assert evidence.alias_problems(c, "synermix", "pilot", second) == []
+    assert rollout.rollback(params, "pilot", "back")["to"] == first
+
+
+def test_a_move_cut_off_before_the_alias_write_leaves_no_record(fake_registry, monkeypatch):
+    _params, c, add, _ = fake_registry
+    first, second = add(gates_passed="true"), add(gates_passed="true")
+    registry.move_alias(c, "synermix", "pilot", first, action="promote", reason="first")
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(c), "set_registered_model_alias", killed)
+    with pytest.raises(KeyboardInterrupt):
+        registry.move_alias(c, "synermix", "pilot", second, action="promote", reason="second")
+    monkeypatch.undo()
+    assert len(registry.pending_intents(c, "synermix")) == 1
+    registry.reconcile_now(c, "synermix")
+    assert registry.pending_intents(c, "synermix") == {}
+    assert registry.aliases_of(c, "synermix")["pilot"] == first
+    assert [m.version for m in registry.alias_history(c, "synermix", "pilot")] == [first]

@@ -75,6 +75,53 @@ def test_register_promote_pilot_eval_and_rollback(tmp_path, train_project):
     assert summary["gates"]["champion_accuracy"]["status"] == "pass"
 
 
+def test_an_alias_moved_or_a_tag_forged_outside_synermix_is_refused_by_every_consumer(
+    tmp_path, train_project
+):
+    """One plain MLflow call used to move @production past every gate (status hid it, bundle
+    bundled it, serve swapped to it), and a forged tag passed promote. Now the move must be
+    recorded and the evidence must agree with the runs the version names."""
+    from synermix import pilot as pilot_line
+    from synermix.bundle import bundle_version
+    from synermix.model_source import model_file
+
+    params, raw, uri = build_project(tmp_path, train_project)
+    state = rollout_flow(tmp_path, params, raw, uri)
+    c, name = state["client"], state["name"]
+    assert model_file(f"models:/{name}@production", tmp_path / "ok", uri).is_file()
+
+    c.set_registered_model_alias(name, "production", "2")  # by hand, no record
+    with pytest.raises(
+        UserError, match=r"moved to it outside synermix \(the last recorded move gave it to version 1\)"
+    ):
+        model_file(f"models:/{name}@production", tmp_path / "m1", uri)
+    with pytest.raises(UserError, match="outside synermix"):
+        bundle_version(params, tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists()
+    with pytest.raises(UserError, match="outside synermix"):  # its comparison would be against it
+        pilot_line.pilot_eval(params, tmp_path / "pilot")
+    report = rollout.status(params)
+    assert report["moved_outside_synermix"] == {"production": "2"}
+    assert "@production = v2 is REFUSED" in rollout.format_status(report)
+    back = rollout.rollback(params, "production", "undo the move by hand")  # the way out, recorded
+    assert (back["from"], back["to"]) == ("2", "1")
+    assert model_file(f"models:/{name}@production", tmp_path / "m2", uri).is_file()
+    assert rollout.status(params)["refused_aliases"] == {}
+
+    # a forged number: version 2 (candidate, pilot) claims a test accuracy its run never measured
+    c.set_model_version_tag(name, "2", "metric.test_accuracy", "0.999000")
+    with pytest.raises(UserError, match=r"metric\.test_accuracy = 0\.999000 is not what evaluate run"):
+        model_file(f"models:/{name}@candidate", tmp_path / "m3", uri)
+    with pytest.raises(CheckFailed, match="evidence_bound"):
+        rollout.promote(params, "production", "2", "forged")
+    # forged pilot evidence: the number its pilot-eval run measured is what counts
+    c.set_model_version_tag(name, "1", "pilot_eval.accuracy", "1.000000")
+    with pytest.raises(UserError, match=r"pilot_eval\.accuracy = 1\.000000 is not what pilot-eval run"):
+        model_file(f"models:/{name}@production", tmp_path / "m4", uri)
+    # a fixed version is the user's explicit choice: not checked
+    assert model_file(f"models:/{name}/2", tmp_path / "m5", uri).is_file()
+
+
 def test_promotion_refused_on_failed_gates(fake_registry):
     params, c, add, _ = fake_registry
     bad = add(gates_passed="false", gate__min_accuracy="FAIL", gate__min_macro_recall="pass")
@@ -88,6 +135,32 @@ def test_promotion_refused_on_failed_gates(fake_registry):
         rollout.promote(params, "pilot", bad, "  ")
     assert registry.aliases_of(c, "synermix") == {}
     assert registry.alias_history(c, "synermix") == []
+
+
+def test_versions_whose_tags_no_run_backs_are_not_promoted(fake_registry):
+    params, c, add, _ = fake_registry
+    forged = add(runs=False, gates_passed="true", gate__min_accuracy="pass")
+    with pytest.raises(
+        CheckFailed, match=r"evidence_bound .* FAIL \(it names no evaluate run; it names no export run\)"
+    ):
+        rollout.promote(params, "pilot", forged, "tags say it passed")
+    failed = add(gates_passed="false")  # its evaluate run failed; the tag is changed afterwards
+    c.set_model_version_tag("synermix", failed, "gates_passed", "true")
+    with pytest.raises(CheckFailed, match="did not pass its gates"):
+        rollout.promote(params, "pilot", failed, "tag says it passed")
+    # pilot evidence and a pilot hold written as tags, with no pilot-eval run and no recorded move
+    good = add(gates_passed="true")
+    for key, value in {
+        "held.pilot": "true",
+        "pilot_eval.images": "50",
+        "pilot_eval.accuracy": "0.99",
+    }.items():
+        c.set_model_version_tag("synermix", good, key, value)
+    with pytest.raises(CheckFailed) as refused:
+        rollout.promote(params, "production", good, "tags say it held pilot")
+    assert "no recorded move gave it @pilot" in str(refused.value)
+    assert "pilot_eval.* tags name no pilot-eval run" in str(refused.value)
+    assert registry.aliases_of(c, "synermix") == {}
 
 
 def test_rollout_commands_print_tables_and_one_line_errors(fake_registry, tmp_path, capsys):

@@ -327,11 +327,13 @@ def test_shadow_mode_logs_agreement_and_answers_with_the_primary(bundles, tmp_pa
 
 
 def test_follows_a_registry_alias(bundles, tmp_path, monkeypatch):
-    """models:/name@alias: the version the alias points at is served, and a moved alias is
-    swapped in."""
+    """models:/name@alias: the version the alias points at is served, and a recorded move is
+    swapped in; an alias moved by hand outside synermix is refused (the old model serves on).
+    The gated aliases (candidate, pilot, production) need evidence too: test_rollout.py."""
     import mlflow
     import onnx
 
+    from synermix import registry
     from synermix.config import MlflowParams
     from synermix.tracking import client as mlflow_client
     from synermix.tracking import experiment_id, using_store
@@ -347,12 +349,22 @@ def test_follows_a_registry_alias(bundles, tmp_path, monkeypatch):
                 onnx.load(str(bundles[key] / "model.onnx")), name="model", save_as_external_data=False
             )
         client.create_model_version("line", info.model_uri, run.info.run_id, model_id=info.model_id)
-    client.set_registered_model_alias("line", "production", "1")
-    with serving("models:/line@production", provider="cpu", poll_seconds=0.1, tracking_uri=uri) as (http, _):
+
+    def move(version: str) -> None:
+        registry.move_alias(client, "line", "line3", version, action="promote", reason="test")
+
+    move("1")
+    with serving("models:/line@line3", provider="cpu", poll_seconds=0.1, tracking_uri=uri) as (http, service):
         code, answer = http.predict(images(1)[0][1])
-        assert code == 200 and answer["model"]["version"] == "1" and answer["model"]["alias"] == "production"
-        client.set_registered_model_alias("line", "production", "2")
-        wait_for(lambda: http.request("GET", "/v1/model")[1]["primary"]["version"] == "2")
+        assert code == 200 and answer["model"]["version"] == "1" and answer["model"]["alias"] == "line3"
+        client.set_registered_model_alias("line", "line3", "2")  # by hand: no record
+        wait_for(lambda: "outside synermix" in service.primary.last_error)
+        code, answer = http.predict(images(1)[0][1])
+        assert code == 200 and answer["model"]["version"] == "1"
+        assert http.request("GET", "/readyz")[0] == 200  # still serving the recorded model
+        client.set_registered_model_alias("line", "line3", "1")  # put back by hand
+        move("2")  # recorded: followed (after the refusal's back-off, 5 s)
+        wait_for(lambda: http.request("GET", "/v1/model")[1]["primary"]["version"] == "2", seconds=20)
         code, answer = http.predict(images(1)[0][1])
         assert answer["model"]["sha256"] == _sha(bundles["b"] / "model.onnx")
 
@@ -452,7 +464,9 @@ def read_one_response(conn: socket.socket) -> bytes:
         answer += chunk
     head, _, body = answer.partition(b"\r\n\r\n")
     length = next(
-        int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
     )
     while len(body) < length:
         chunk = conn.recv(65536)

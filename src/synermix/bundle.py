@@ -42,7 +42,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from synermix import model_tags, registry
+from synermix import evidence, model_tags, registry
 from synermix.config import Params
 from synermix.errors import UserError
 from synermix.inference import DEFAULT_MAX_PIXELS, ModelInfo
@@ -674,7 +674,9 @@ def bundle_version(
     client = client_for(params)
     name = params.registry.model_name
     if version is None:
-        version = holder(client, name, alias or "production", "version to bundle")
+        alias = alias or "production"
+        holder(client, name, alias, "version to bundle")  # names the way out when none holds it
+        version = evidence.checked_alias(client, name, alias)
         label = f"{name}@{alias} (version {version})"
     else:
         alias, label = None, f"{name} version {version}"
@@ -689,6 +691,7 @@ def bundle_version(
             raise UserError(
                 f"{label} holds no model.onnx: only versions from the register stage can be bundled"
             )
+        evidence.check_file(sources["model.onnx"], mv)
         info = card_info(client, name, mv, alias, folder)
         write_bundle(sources, out, info)
     log.info("bundle of %s written to %s (check it with: cd %s && sha256sum -c SHA256SUMS)", label, out, out)

@@ -64,19 +64,7 @@ def model_file(spec: str, tmp: Path, tracking_uri: str | None = None) -> Path:
     registered version ``models:/<name>@<alias>`` / ``models:/<name>/<version>``, which is
     downloaded into ``tmp`` (MLflow is imported only then: a line machine may not have it)."""
     if is_registry(spec):
-        from mlflow.artifacts import download_artifacts
-        from mlflow.exceptions import MlflowException
-
-        from synermix.tracking import quiet_mlflow_logs
-
-        quiet_mlflow_logs()
-        try:
-            folder = Path(download_artifacts(artifact_uri=spec, dst_path=str(tmp), tracking_uri=tracking_uri))
-        except MlflowException as exc:
-            raise UserError(f"{spec}: cannot fetch it from MLflow ({exc.message})") from None
-        if not (folder / MODEL_FILE).is_file():
-            raise UserError(f"{spec} has no model.onnx: only versions from the register stage run here")
-        return folder / MODEL_FILE
+        return _registry_file(spec, tmp, tracking_uri)
     path = Path(spec)
     if path.is_dir():
         if not is_bundle(path):
@@ -87,6 +75,39 @@ def model_file(spec: str, tmp: Path, tracking_uri: str | None = None) -> Path:
     if not path.is_file():
         raise UserError(f"{path}: no ONNX model there; run the export stage (dvc repro) or pass --model")
     return path
+
+
+def _registry_file(spec: str, tmp: Path, tracking_uri: str | None) -> Path:
+    """Download a registered version's model.onnx. An alias is followed only when its move
+    is recorded and the version's evidence holds (:func:`synermix.evidence.checked_alias`);
+    the version it names then is the one downloaded, so a move in between cannot swap it."""
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    from synermix import evidence, registry
+    from synermix.tracking import client, quiet_mlflow_logs
+
+    quiet_mlflow_logs()
+    parsed = parse_registry(spec)
+    if parsed is None:
+        raise UserError(
+            f"{spec}: not a registered model; write models:/<name>@<alias> or models:/<name>/<version>"
+        )
+    store = client(tracking_uri)
+    try:
+        version = parsed.version or evidence.checked_alias(store, parsed.name, str(parsed.alias))
+        mv = registry.get_version(store, parsed.name, version)
+        folder = Path(
+            download_artifacts(
+                artifact_uri=version_uri(parsed.name, version), dst_path=str(tmp), tracking_uri=tracking_uri
+            )
+        )
+    except MlflowException as exc:
+        raise UserError(f"{spec}: cannot fetch it from MLflow ({exc.message})") from None
+    if not (folder / MODEL_FILE).is_file():
+        raise UserError(f"{spec} has no model.onnx: only versions from the register stage run here")
+    evidence.check_file(folder / MODEL_FILE, mv)
+    return folder / MODEL_FILE
 
 
 def version_file(client: Any, name: str, version: str, dst: Path) -> Path:

@@ -18,7 +18,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from synermix import model_tags, registry
+from synermix import evidence, model_tags, registry
 from synermix.config import Params
 from synermix.data.images import IMAGE_EXTENSIONS
 from synermix.errors import UserError
@@ -73,9 +73,14 @@ def pilot_eval(
     record the result on the version and as an MLflow run."""
     client = client_for(params)
     name = params.registry.model_name
-    version = version or holder(client, name, "pilot", "pilot version to evaluate")
+    if version is None:  # following @pilot: only a recorded move to a version with its evidence
+        holder(client, name, "pilot", "pilot version to evaluate")
+        version = evidence.checked_alias(client, name, "pilot")
     registry.get_version(client, name, version)
     production = registry.aliases_of(client, name).get("production")
+    if production is not None:
+        # the comparison is part of the evidence: it must be against a production that holds up
+        production = evidence.checked_alias(client, name, "production")
     with tempfile.TemporaryDirectory() as tmp:
         pilot_path = version_file(client, name, version, Path(tmp) / "pilot")
         classifier = Classifier(pilot_path, provider=provider, max_pixels=max_pixels)

@@ -11,7 +11,9 @@
 - ``rollback`` puts back the version that held the alias before the current one.
 
 Every move goes through :func:`synermix.registry.move_alias`, which records who, when,
-why and the previous holder.
+why and the previous holder. Every promotion re-reads the version's evidence from the runs
+it names (:mod:`synermix.evidence`): tags that disagree with their runs fail the
+``evidence_bound`` check. ``status`` shows an alias moved outside synermix as such.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from synermix import model_tags, registry
+from synermix import evidence, model_tags, registry
 from synermix.config import Params
 from synermix.errors import CheckFailed, UserError
 from synermix.gates import GateResult, format_table, production_checks, verdict
@@ -57,11 +59,15 @@ def promote(params: Params, alias: str, version: str | None, reason: str, by: st
     reg = params.registry
     client = client_for(params)
     name = reg.model_name
+    registry.reconcile_now(client, name, reg.lock_wait_seconds, reg.stale_lock_seconds)
     if version is None:
         source = "candidate" if alias == "pilot" else "pilot"
         version = holder(client, name, source, f"{source} to promote")
     mv = registry.get_version(client, name, version)
     tags = dict(mv.tags or {})
+    problems = evidence.gate_problems(client, mv)
+    if alias == "production":
+        problems += evidence.pilot_problems(client, name, mv)
     if alias == "pilot":
         checks = [
             GateResult(
@@ -78,6 +84,18 @@ def promote(params: Params, alias: str, version: str | None, reason: str, by: st
     else:
         current = registry.aliases_of(client, name).get("production")
         checks = production_checks(tags, reg.production_gates, str(version), current)
+    checks.append(
+        GateResult(
+            gate="evidence_bound",
+            metric="",
+            rule="",
+            threshold=None,
+            observed=None,
+            passed=not problems,
+            about="its tags agree with the evaluate, export and pilot-eval runs they name",
+            note="; ".join(problems),
+        )
+    )
     table = format_table(checks)
     if not verdict(checks):
         raise CheckFailed(f"{name} version {version} cannot be promoted to @{alias}:\n{table}")
@@ -118,6 +136,7 @@ def rollback(params: Params, alias: str, reason: str, by: str | None = None) -> 
     reg = params.registry
     client = client_for(params)
     name = reg.model_name
+    registry.reconcile_now(client, name, reg.lock_wait_seconds, reg.stale_lock_seconds)
     current = holder(client, name, alias, "version to roll back")
     target = registry.rollback_target(registry.alias_history(client, name, alias), current)
     if target is None:
@@ -146,8 +165,10 @@ def rollback(params: Params, alias: str, reason: str, by: str | None = None) -> 
 # --------------------------------------------------------------------------- status
 def status(params: Params, history: int = 10) -> dict:
     """Versions with their aliases, gates, headline metrics and pilot evidence; recent moves."""
+    reg = params.registry
     client = client_for(params)
-    name = params.registry.model_name
+    name = reg.model_name
+    registry.reconcile_now(client, name, reg.lock_wait_seconds, reg.stale_lock_seconds)
     aliases = registry.aliases_of(client, name)
     by_version: dict[str, list[str]] = {}
     for alias, version in aliases.items():
@@ -172,7 +193,25 @@ def status(params: Params, history: int = 10) -> dict:
             }
         )
     moves = [m.to_dict() for m in registry.alias_history(client, name)][-history:] if history else []
-    return {"model_name": name, "aliases": aliases, "versions": rows, "moves": moves}
+    # what a consumer following each alias would refuse, a move outside synermix first
+    refused = {
+        alias: problems
+        for alias, version in sorted(aliases.items())
+        if (problems := evidence.alias_problems(client, name, alias, version))
+    }
+    outside = {
+        alias: version
+        for alias, version in sorted(aliases.items())
+        if any("outside synermix" in p for p in refused.get(alias, []))
+    }
+    return {
+        "model_name": name,
+        "aliases": aliases,
+        "versions": rows,
+        "moves": moves,
+        "moved_outside_synermix": outside,
+        "refused_aliases": refused,
+    }
 
 
 def format_status(report: Mapping[str, Any]) -> str:
@@ -208,6 +247,12 @@ def format_status(report: Mapping[str, Any]) -> str:
             ],
         ),
     ]
+    for alias, problems in report.get("refused_aliases", {}).items():
+        lines += [
+            "",
+            f"@{alias} = v{report['aliases'][alias]} is REFUSED by serve, predict, pilot-eval and bundle: "
+            + "; ".join(problems),
+        ]
     if report["moves"]:
         lines += [
             "",
