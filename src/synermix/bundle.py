@@ -675,8 +675,8 @@ def bundle_version(
     name = params.registry.model_name
     if version is None:
         alias = alias or "production"
-        holder(client, name, alias, "version to bundle")  # names the way out when none holds it
-        version = evidence.checked_alias(client, name, alias)
+        version = holder(client, name, alias, "version to bundle")  # names the way out when none holds it
+        evidence.checked_alias(client, name, alias, version)
         label = f"{name}@{alias} (version {version})"
     else:
         alias, label = None, f"{name} version {version}"

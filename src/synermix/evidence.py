@@ -174,10 +174,10 @@ def alias_problems(client: Any, name: str, alias: str, version: str) -> list[str
     return problems
 
 
-def checked_alias(client: Any, name: str, alias: str) -> str:
-    """The version holding ``alias``, once its move and evidence hold up; else a UserError
-    naming every problem and the way out."""
-    version = registry.aliases_of(client, name).get(alias)
+def checked_alias(client: Any, name: str, alias: str, version: str | None = None) -> str:
+    """The version holding ``alias`` (read here unless the caller read it: ``version``), once
+    its move and evidence hold up; else a UserError naming every problem and the way out."""
+    version = version or registry.aliases_of(client, name).get(alias)
     if version is None:
         raise UserError(f"no version of '{name}' holds @{alias}")
     problems = alias_problems(client, name, alias, version)

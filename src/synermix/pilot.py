@@ -74,13 +74,14 @@ def pilot_eval(
     client = client_for(params)
     name = params.registry.model_name
     if version is None:  # following @pilot: only a recorded move to a version with its evidence
-        holder(client, name, "pilot", "pilot version to evaluate")
-        version = evidence.checked_alias(client, name, "pilot")
+        version = evidence.checked_alias(
+            client, name, "pilot", holder(client, name, "pilot", "pilot version to evaluate")
+        )
     registry.get_version(client, name, version)
     production = registry.aliases_of(client, name).get("production")
     if production is not None:
         # the comparison is part of the evidence: it must be against a production that holds up
-        production = evidence.checked_alias(client, name, "production")
+        evidence.checked_alias(client, name, "production", production)
     with tempfile.TemporaryDirectory() as tmp:
         pilot_path = version_file(client, name, version, Path(tmp) / "pilot")
         classifier = Classifier(pilot_path, provider=provider, max_pixels=max_pixels)
