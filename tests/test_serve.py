@@ -638,3 +638,59 @@ def test_a_bundle_caught_mid_copy_is_refused_then_taken_once_whole(bundles, tmp_
         (live / "model.onnx").write_bytes((bundles["a"] / "model.onnx").read_bytes())
         assert service.primary.check() is False and "checksum mismatch" in service.primary.last_error
         assert service.primary.current.about["sha256"] == _sha(bundles["b"] / "model.onnx")
+
+
+def test_multipart_file_names_are_decoded_as_sent_and_made_safe(bundles):
+    """UTF-8 in filename (RFC 7578), filename* (RFC 5987) winning over it, folders dropped and
+    control characters replaced: the answer names each file the way its sender spelled it."""
+    image = images(1)[0][1]
+    boundary = "b0undary"
+
+    def part(disposition: bytes) -> bytes:
+        return (
+            f"--{boundary}\r\n".encode()
+            + b"Content-Disposition: form-data; "
+            + disposition
+            + b"\r\n"
+            + b"Content-Type: image/png\r\n\r\n"
+            + image
+            + b"\r\n"
+        )
+
+    body = (
+        b"".join(
+            [
+                part('name="a"; filename="zelle_ß_✓.png"'.encode()),
+                part(b'name="b"; filename="fallback.png"; filename*=UTF-8\'\'d%C3%A9faut%20%E2%9C%93.png'),
+                part(b'name="c"; filename="x.png"; filename*=iso-8859-1\'\'Gr%FC%DFe.png'),
+                part(b'name="d"; filename="C:\\\\line 3\\\\..\\\\cell.png"'),
+                part(b'name="e"; filename="e.png"; filename*=UTF-8\'\'evil%0D%0Aforged%20log%20line.png'),
+                part(b'name="f"; filename=""'),
+            ]
+        )
+        + f"--{boundary}--\r\n".encode()
+    )
+    with serving(str(bundles["a"]), provider="cpu", poll_seconds=0) as (client, _):
+        code, answer = client.request(
+            "POST", "/v1/predict/batch", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        )
+    assert code == 200, answer
+    names = [row["path"] for row in answer["predictions"]]
+    assert names[:5] == [
+        "zelle_ß_✓.png",
+        "défaut ✓.png",
+        "Grüße.png",
+        "cell.png",
+        "evil??forged log line.png",
+    ]
+    assert names[5] in ("f", "file")  # no name sent: the form field's
+    assert all(row["status"] == "ok" for row in answer["predictions"])
+    # a part without filename= is a text field to the parser: refused by name, not dropped
+    text_field = part(b"name=\"g\"; filename*=UTF-8''only-extended.png")
+    body = part(b'name="a"; filename="a.png"') + text_field + f"--{boundary}--\r\n".encode()
+    with serving(str(bundles["a"]), provider="cpu", poll_seconds=0) as (client, _):
+        for path in ("/v1/predict/batch", "/v1/predict"):
+            code, answer = client.request(
+                "POST", path, body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+            )
+            assert code == 400 and "form part 'g' is not a file" in answer["error"], answer

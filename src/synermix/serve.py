@@ -36,6 +36,7 @@ import hmac
 import json
 import logging
 import queue
+import re
 import tempfile
 import threading
 import time
@@ -628,9 +629,17 @@ def create_app(service: Service):
             form = await request.form(
                 max_files=most, max_fields=most, max_part_size=settings.max_request_bytes
             )
-            files = [(v.filename or k, await v.read()) for k, v in form.multi_items() if hasattr(v, "read")]
-            await form.close()
-            return files
+            try:
+                fields = [k for k, v in form.multi_items() if not hasattr(v, "read")]
+                if fields:  # a part with no filename= is a text field to the parser: never dropped
+                    raise _Refused(
+                        400,
+                        f"form part {fields[0][:80]!r} is not a file: give it a filename "
+                        f'(Content-Disposition: form-data; name="{fields[0][:80]}"; filename="cell.png")',
+                    )
+                return [(part_name(v, k), await v.read()) for k, v in form.multi_items()]
+            finally:
+                await form.close()
         if kind and not kind.startswith(IMAGE_TYPES):
             raise _Refused(
                 415, f"Content-Type {kind} is not an image: send image/* bytes or multipart/form-data"
@@ -796,6 +805,35 @@ class _Guard:
             metrics = self.service.metrics
             metrics.requests.labels(endpoint, str(code[0])).inc()
             metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+
+_EXTENDED_FILENAME = re.compile(r"""filename\*\s*=\s*([^;]+)""", re.IGNORECASE)
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+MAX_NAME_CHARS = 255
+
+
+def part_name(upload: Any, field_name: str) -> str:
+    """The name a multipart file part is answered and logged under.
+
+    RFC 7578 senders put UTF-8 in ``filename`` (decoded as UTF-8 by the parser); RFC 5987 /
+    2231 senders put ``filename*=UTF-8''<percent-encoded>``, which wins when both are given.
+    Folders are dropped (a name, never a path), control characters become ``?`` (no forged
+    log lines or JSON surprises) and the name is cut to 255 characters."""
+    import urllib.parse
+
+    name = upload.filename or ""
+    disposition = upload.headers.get("content-disposition", "") if upload.headers else ""
+    extended = _EXTENDED_FILENAME.search(disposition)
+    if extended:
+        charset, _, rest = extended.group(1).strip().strip('"').partition("'")
+        _, _, encoded = rest.partition("'")
+        try:
+            name = urllib.parse.unquote(encoded, encoding=charset or "utf-8", errors="replace")
+        except LookupError:  # an unknown charset: the bytes as UTF-8, undecodable ones replaced
+            name = urllib.parse.unquote(encoded, encoding="utf-8", errors="replace")
+    name = name.replace("\\", "/").rsplit("/", 1)[-1].strip()
+    name = _UNPRINTABLE.sub("?", name or field_name)[:MAX_NAME_CHARS]
+    return name or "file"
 
 
 def _host_name(value: bytes) -> str:
