@@ -93,14 +93,12 @@ def fake_registry(tmp_path, monkeypatch):
     version names an evaluate run and an export run that agree with its tags, as the
     register stage's versions do (:mod:`synermix.evidence` re-reads them);
     ``add(runs=False, ...)`` registers one whose tags no run backs (forged)."""
-    import hashlib
-
     import mlflow
 
     from synermix import registry
     from synermix.tracking import client, experiment_id, using_store
 
-    from .helpers.registry import PILOT_GATES
+    from .helpers.registry import PILOT_GATES, back_with_runs
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -117,33 +115,7 @@ def fake_registry(tmp_path, monkeypatch):
             mlflow.log_artifact(str(tmp_path / "weights.txt"), artifact_path="model")
         mv = c.create_model_version("synermix", f"{run.info.artifact_uri}/model", run.info.run_id)
         if runs:
-            weights = hashlib.sha256(f"weights of {mv.version}".encode()).hexdigest()
-            onnx = hashlib.sha256(f"onnx of {mv.version}".encode()).hexdigest()
-            passed = tags.get("gates_passed") == "true"
-            metrics = {
-                key.removeprefix("metric."): float(value)
-                for key, value in tags.items()
-                if key.startswith("metric.")
-            }
-            with using_store(uri):
-                evaluate_tags = {
-                    "stage": "evaluate",
-                    "weights_sha256": weights,
-                    "gates_passed": str(passed).lower(),
-                }
-                with mlflow.start_run(experiment_id=experiment, tags=evaluate_tags) as evaluated:
-                    mlflow.log_metrics({**metrics, "gates_passed": float(passed)})
-                with mlflow.start_run(
-                    experiment_id=experiment, tags={"stage": "export", "onnx_sha256": onnx}
-                ) as ex:
-                    pass
-            tags = {
-                "weights_sha256": weights,
-                "onnx_sha256": onnx,
-                "evaluate_run_id": evaluated.info.run_id,
-                "export_run_id": ex.info.run_id,
-                **tags,
-            }
+            tags = back_with_runs(c, uri, experiment, "synermix", str(mv.version), tags)
         for key, value in tags.items():
             c.set_model_version_tag("synermix", mv.version, key, value)
         return str(mv.version)

@@ -19,6 +19,8 @@ from synermix.init_weights import InitWeights, resolve_init
 from synermix.models import ARCHITECTURES, SplitNet, build_model, torchvision_key_map
 from synermix.training import TrainingResult, save_trained_model
 
+from .helpers.registry import back_with_runs
+
 STEM = "stages.0.0.weight"  # a ResNet's first convolution in the SplitNet
 HEAD = ("classifier.weight", "classifier.bias")
 
@@ -316,13 +318,15 @@ def registered(tmp_path_factory) -> dict:
         registry.ensure_model(client, "synermix")
         sha = json.loads((folder / "model.json").read_text())["weights_sha256"]
         tags = {"weights_sha256": sha, "train_run_id": train_run.info.run_id}
+        # version 1 as register leaves it: evaluate and export runs behind its passed gates
+        backed = back_with_runs(client, uri, experiment, "synermix", "1", {"gates_passed": "true"}, sha)
         # (MLflow looks a logged model up in the global store, hence still inside the block)
         # version 1 links to no training run: only its own extra files can provide the weights
         client.create_model_version(
             "synermix",
             info.model_uri,
             register_run.info.run_id,
-            tags={"weights_sha256": sha},
+            tags=backed,
             model_id=info.model_id,
         )
         client.create_model_version(
@@ -385,6 +389,24 @@ def test_registry_specs_that_do_not_resolve(registered, spec, overrides, expecte
     with pytest.raises(UserError, match=expected) as caught:
         resolve(spec, **{"in_channels": 1, "tracking_uri": registered["uri"], **overrides})
     assert "\n" not in str(caught.value)
+
+
+def test_an_alias_moved_by_hand_is_not_a_warm_start(registered):
+    """Version 2 has no passed gates: put under @candidate by one plain MLflow call, train.init
+    refuses it through the alias (as serve does) and takes it only by its number."""
+    store = tracking.client(registered["uri"])
+    store.set_registered_model_alias("synermix", "candidate", "2")
+    try:
+        with pytest.raises(
+            UserError,
+            match=r"version 2 holds @candidate but is refused: "
+            r"@candidate was moved to it outside synermix.*gates_passed tag is not true",
+        ) as caught:
+            from_registry(registered, "models:/synermix@candidate")
+        assert "\n" not in str(caught.value)
+        assert from_registry(registered, "models:/synermix/2").kind == "registry"
+    finally:
+        store.set_registered_model_alias("synermix", "candidate", "1")
 
 
 def test_a_store_that_does_not_exist_is_not_created(tmp_path):

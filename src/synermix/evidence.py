@@ -145,25 +145,27 @@ def pilot_problems(client: Any, name: str, mv: Any) -> list[str]:
     return problems
 
 
+def move_state(client: Any, name: str, alias: str, version: str) -> tuple[str, str]:
+    """How ``alias`` came to ``version``: ("recorded", ""), ("cut_off", why) for a synermix
+    move cut off before its record, or ("outside", why) for an alias set by other means."""
+    last = registry.last_move(client, name, alias)
+    if last is not None and last.version == str(version):
+        return "recorded", ""
+    if any(
+        (m.alias, m.version) == (alias, str(version)) for m in registry.pending_intents(client, name).values()
+    ):
+        return (
+            "cut_off",
+            f"its move to @{alias} was cut off before it was recorded (synermix status reconciles it)",
+        )
+    recorded = f"the last recorded move gave it to version {last.version}" if last else "none is recorded"
+    return "outside", f"@{alias} was moved to it outside synermix ({recorded})"
+
+
 def alias_problems(client: Any, name: str, alias: str, version: str) -> list[str]:
     """Why the version holding ``alias`` must not be used through it ([] when it may)."""
-    problems = []
-    last = registry.last_move(client, name, alias)
-    if last is None or last.version != str(version):
-        cut = [
-            m
-            for m in registry.pending_intents(client, name).values()
-            if (m.alias, m.version) == (alias, version)
-        ]
-        if cut:
-            problems.append(
-                f"its move to @{alias} was cut off before it was recorded (synermix status reconciles it)"
-            )
-        else:
-            recorded = (
-                f"the last recorded move gave it to version {last.version}" if last else "none is recorded"
-            )
-            problems.append(f"@{alias} was moved to it outside synermix ({recorded})")
+    state, why = move_state(client, name, alias, version)
+    problems = [why] if state != "recorded" else []
     mv = registry.get_version(client, name, version)
     if alias in GATED:
         problems += gate_problems(client, mv)

@@ -229,6 +229,16 @@ def _from_registry(spec: str, target: _Target, tracking_uri: str | None) -> Init
                     f"train.init {spec}: no version of '{name}' holds @{alias} (aliases: {held}); {listing}"
                 )
             version = aliases[alias]
+            # the same check as serve: a version put under the alias by hand is not the line's
+            from synermix import evidence
+
+            problems = evidence.alias_problems(store, name, alias, str(version))
+            if problems:
+                raise UserError(
+                    f"train.init {spec}: version {version} holds @{alias} but is refused: "
+                    f"{'; '.join(problems)}; move the alias with synermix promote / rollback, "
+                    f"or name the version (models:/{name}/{version})"
+                )
         try:
             mv = registry.get_version(store, name, str(version))
         except UserError as exc:

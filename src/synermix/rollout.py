@@ -202,7 +202,7 @@ def status(params: Params, history: int = 10) -> dict:
     outside = {
         alias: version
         for alias, version in sorted(aliases.items())
-        if any("outside synermix" in p for p in refused.get(alias, []))
+        if alias in refused and evidence.move_state(client, name, alias, version)[0] == "outside"
     }
     return {
         "model_name": name,

@@ -113,3 +113,58 @@ def rollout_flow(tmp_path, params, raw, uri) -> dict:
     assert c.get_model_version(name, "2").tags["alias.production.replaced_by"] == "1"
     assert registry.get_model(c, f"{name}{registry.LOCK_SUFFIX}") is None  # no lock left behind
     return {"client": c, "name": name}
+
+
+def back_with_runs(
+    c, uri: str, experiment: str, name: str, version: str, tags: dict, weights: str = ""
+) -> dict:
+    """Tags for a version that name an evaluate run and an export run agreeing with them, as
+    the register stage's versions do (:mod:`synermix.evidence` re-reads the runs). ``tags``
+    may carry ``gates_passed`` and ``metric.*``; returns them with the run ids and hashes."""
+    import hashlib
+
+    import mlflow
+
+    from synermix.tracking import using_store
+
+    weights = weights or hashlib.sha256(f"weights of {version}".encode()).hexdigest()
+    onnx = hashlib.sha256(f"onnx of {name} {version}".encode()).hexdigest()
+    passed = tags.get("gates_passed") == "true"
+    metrics = {k.removeprefix("metric."): float(v) for k, v in tags.items() if k.startswith("metric.")}
+    with using_store(uri):
+        evaluate_tags = {"stage": "evaluate", "weights_sha256": weights, "gates_passed": str(passed).lower()}
+        with mlflow.start_run(experiment_id=experiment, tags=evaluate_tags) as evaluated:
+            mlflow.log_metrics({**metrics, "gates_passed": float(passed)})
+        with mlflow.start_run(experiment_id=experiment, tags={"stage": "export", "onnx_sha256": onnx}) as ex:
+            pass
+    return {
+        "weights_sha256": weights,
+        "onnx_sha256": onnx,
+        "evaluate_run_id": evaluated.info.run_id,
+        "export_run_id": ex.info.run_id,
+        **tags,
+    }
+
+
+def give_production(c, uri: str, experiment: str, name: str, version: str, images: int = 8) -> None:
+    """Recorded moves to @pilot and @production, with a pilot-eval run behind the version's
+    pilot evidence: what promote leaves, without running the pilot line."""
+    import mlflow
+
+    from synermix import model_tags
+    from synermix.tracking import using_store
+
+    registry.move_alias(c, name, "pilot", version, action="promote", reason="test pilot", by="test")
+    digest = "0" * 64
+    run_tags = {"stage": "pilot-eval", "model_name": name, "model_version": str(version)}
+    with using_store(uri), mlflow.start_run(experiment_id=experiment, tags=run_tags) as run:
+        mlflow.log_param("images_sha256", digest)
+        mlflow.log_metrics({"images": float(images), "errors": 0.0})
+    for key, value in {
+        "run_id": run.info.run_id,
+        "images": str(images),
+        "errors": "0",
+        "images_sha256": digest,
+    }.items():
+        c.set_model_version_tag(name, version, model_tags.pilot(key), value)
+    registry.move_alias(c, name, "production", version, action="promote", reason="test production", by="test")

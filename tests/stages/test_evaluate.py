@@ -162,19 +162,35 @@ def constant_model(model_dir, out_dir, predict: int) -> str:
     return digest
 
 
-def register(folder, alias="production") -> str:
-    """Log ``folder`` as a run's model files and give the new version ``alias``."""
+def register(folder, forged: bool = False) -> str:
+    """Log ``folder`` as a run's model files and give the new version @production the way
+    promote does (recorded moves, evaluate/export/pilot-eval runs behind its tags); ``forged``:
+    by one plain MLflow call, with no evidence."""
     import mlflow
 
+    from synermix import registry
+
+    from ..helpers.registry import back_with_runs, give_production
+
     client = mlflow.MlflowClient()
-    if not client.search_registered_models("name = 'synermix'"):
-        client.create_registered_model("synermix")
+    uri = mlflow.get_tracking_uri()
+    registry.ensure_model(client, "synermix")
     experiment = client.get_experiment_by_name("evaluate-test").experiment_id
     with mlflow.start_run(experiment_id=experiment, run_name="champion") as run:
         mlflow.log_artifacts(str(folder), artifact_path="model")
-    version = client.create_model_version("synermix", f"{run.info.artifact_uri}/model", run.info.run_id)
-    client.set_registered_model_alias("synermix", alias, version.version)
-    return str(version.version)
+    version = str(
+        client.create_model_version("synermix", f"{run.info.artifact_uri}/model", run.info.run_id).version
+    )
+    if forged:
+        client.set_model_version_tag("synermix", version, "gates_passed", "true")
+        client.set_registered_model_alias("synermix", "production", version)
+        return version
+    weights = json.loads((folder / "model.json").read_text())["weights_sha256"]
+    tags = back_with_runs(client, uri, experiment, "synermix", version, {"gates_passed": "true"}, weights)
+    for key, value in tags.items():
+        client.set_model_version_tag("synermix", version, key, value)
+    give_production(client, uri, experiment, "synermix", version)
+    return version
 
 
 def test_champion_challenger_against_the_registered_production_model(trained):
@@ -228,6 +244,17 @@ def test_champion_challenger_against_the_registered_production_model(trained):
     summary = run_evaluate(with_gates(), root)
     assert summary["gates"]["champion_accuracy"]["status"] == "skipped"
     assert "(version 3) was trained on another manifest" in (root / EVAL_REPORT).read_text()
+
+    # @production moved by hand to a version with no evidence (a lower bar): refused, named
+    meta["manifest_sha256"] = json.loads((root / MODEL_DIR / "model.json").read_text())["manifest_sha256"]
+    (root / "champion" / "model.json").write_text(json.dumps(meta))
+    assert register(root / "champion", forged=True) == "4"
+    with pytest.raises(
+        UserError,
+        match=r"champion synermix@production \(version 4\) is refused: "
+        r"@production was moved to it outside synermix.*rollback production",
+    ):
+        run_evaluate(with_gates(), root)
 
 
 def test_evaluate_refuses_a_model_trained_on_other_data_or_no_model(trained, tmp_path_factory):

@@ -14,7 +14,7 @@ import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
-from synermix import eval_report, registry
+from synermix import eval_report, evidence, registry
 from synermix.config import Params
 from synermix.data.transforms import Preprocessing
 from synermix.errors import CheckFailed, UserError
@@ -59,6 +59,13 @@ def _champion_report(params: Params, root: Path, test_rows: pd.DataFrame, challe
         )
         log.info(note)
         return {"note": note, "skip": f"no version holds @{spec.alias}"}
+    # the bar a new model must clear: never one planted by hand (it would lower the bar)
+    problems = evidence.alias_problems(client, name, spec.alias, found.version)
+    if problems:
+        raise UserError(
+            f"the champion {found.label} is refused: {'; '.join(problems)}. Move @{spec.alias} back "
+            f"with synermix rollback {spec.alias} --reason ..., or set gates.champion.enabled: false"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         try:
             folder = registry.download_version(client, found.name, found.version, Path(tmp))
