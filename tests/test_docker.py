@@ -31,7 +31,7 @@ LOCK = REPO_ROOT / "requirements.lock"
 SERVING = [DOCKER / "serve.Dockerfile", DOCKER / "serve-cpu.Dockerfile"]
 #: gigabytes of training stack that a serving image must not carry
 TRAINING_ONLY = {"torch", "torchvision", "dvc", "optuna", "great-expectations", "triton"}
-CONSOLE_SCRIPTS = {"synermix", "dvc", "mlflow"}
+CONSOLE_SCRIPTS = {"synermix", "synermix-mlflow-users", "dvc", "mlflow"}
 
 
 def _load_lock_pins():
@@ -208,6 +208,10 @@ def check_command(argv: list[str]) -> list[str]:
         from synermix.cli import _parser
 
         return check_argparse_command(_parser(), rest)
+    if program == "synermix-mlflow-users":
+        from synermix.mlflow_auth import _parser as users_parser
+
+        return check_argparse_command(users_parser(), rest)
     if program == "dvc":
         from dvc.cli.parser import get_main_parser
 
@@ -435,10 +439,45 @@ def test_compose_serves_the_production_alias_from_the_stacks_mlflow():
     assert service_dockerfile(serve).name == "serve-cpu.Dockerfile"
     assert serve["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert service_command(serve)[:4] == ["synermix", "serve", "--model", "models:/synermix@production"]
-    assert serve["depends_on"]["mlflow"]["condition"] == "service_healthy"
+    assert serve["depends_on"]["mlflow-users"]["condition"] == "service_completed_successfully"
+    assert services["mlflow-users"]["depends_on"]["mlflow"]["condition"] == "service_healthy"
     assert services["train"]["profiles"] == ["train"]
     assert services["train"]["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     # containers call the server by its service name: MLflow's host check must let that in
     mlflow = service_command(services["mlflow"])
     allowed = mlflow[mlflow.index("--allowed-hosts") + 1]
     assert "mlflow:5000" in allowed
+
+
+def _default(value: str) -> str:
+    """``${VAR:-default}`` -> default (what compose uses when VAR is unset)."""
+    found = re.fullmatch(r"\$\{[A-Z_]+:-([^}]*)\}", value)
+    return found.group(1) if found else value
+
+
+def test_compose_runs_mlflow_with_auth_and_the_release_roles():
+    """The registry's writes are limited by role: MLflow's basic auth plus the synermix policy;
+    the line reads as a read-only user, training writes as a team user (not a release one),
+    and the one-shot setup creates every user a service signs in as."""
+    services = compose()["services"]
+    mlflow = services["mlflow"]
+    command = service_command(mlflow)
+    assert command[command.index("--app-name") + 1] == "synermix-auth"
+    names = {e.name for e in importlib.metadata.entry_points(group="mlflow.app")}
+    assert "synermix-auth" in names
+    env = {k: _default(str(v)) for k, v in mlflow["environment"].items()}
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"] and env["MLFLOW_FLASK_SERVER_SECRET_KEY"]
+    release = set(env["SYNERMIX_RELEASE_USERS"].split(","))
+    read_only = set(env["SYNERMIX_READ_ONLY_USERS"].split(","))
+    serve_user = services["serve"]["environment"]["MLFLOW_TRACKING_USERNAME"]
+    train_user = services["train"]["environment"]["MLFLOW_TRACKING_USERNAME"]
+    assert serve_user in read_only and train_user not in release | read_only
+    setup = service_command(services["mlflow-users"])
+    created = {spec.split("=")[0] for spec in setup[2:]}
+    assert {serve_user, train_user} | release <= created
+    setup_env = services["mlflow-users"]["environment"]
+    assert all(spec.split("=")[1] in setup_env for spec in setup[2:])
+    ini = (DOCKER / "mlflow-auth.ini").read_text()
+    assert "database_uri = sqlite:////var/lib/mlflow-auth/" in ini
+    assert any(v.endswith(":/var/lib/mlflow-auth") for v in mlflow["volumes"])
+    assert "admin_password" not in ini.replace("# ", "")
