@@ -23,6 +23,9 @@ GOOD = {
     "worst_class": 2,
     "recall_spread": 0.2,
     "intra_class_variance": 0.3,
+    "ece": 0.05,
+    "accuracy_ci95_low": 0.8,
+    "per_class": {"crack": {"support": 10}, "ok": {"support": 20}, "scratch": {"support": 10}},
 }
 
 
@@ -33,7 +36,7 @@ def gates_with(make_params, **values):
 @pytest.mark.parametrize(("key", "metric", "rule", "_about"), THRESHOLD_GATES)
 def test_each_threshold_gate_passes_at_its_limit_and_fails_beyond(make_params, key, metric, rule, _about):
     limit = GOOD[metric]
-    at_limit = {r[0]: None for r in THRESHOLD_GATES} | {key: limit}
+    at_limit = {r[0]: None for r in THRESHOLD_GATES} | {key: limit, "beat_majority": False}
     results = threshold_gates(GOOD, gates_with(make_params, **at_limit), NAMES)
     mine = next(r for r in results if r.gate == key)
     assert mine.passed is True and mine.margin == pytest.approx(0.0)
@@ -45,6 +48,43 @@ def test_each_threshold_gate_passes_at_its_limit_and_fails_beyond(make_params, k
     assert mine.passed is False and mine.margin == pytest.approx(-0.05)
     assert not verdict(results)
     assert all(r.passed is None for r in results if r.gate != key)  # the others are off
+
+
+def split(correct: int, counts: dict[str, int]) -> dict:
+    """A test report with ``correct`` of the images right and these class supports."""
+    from synermix.metrics import wilson_interval
+
+    n = sum(counts.values())
+    low, high = wilson_interval(correct, n)
+    return {
+        **GOOD,
+        "accuracy": correct / n,
+        "accuracy_ci95_low": low,
+        "accuracy_ci95_high": high,
+        "per_class": {c: {"support": k} for c, k in counts.items()},
+    }
+
+
+def test_beat_majority_fails_a_constant_model_and_one_not_clearly_better(make_params):
+    """ELPV's test split: 226 of 393 functional (0.575). Always "functional" fails; 0.62
+    (the old default's accuracy) is inside the noise of a constant answer and fails too;
+    0.6768 clears it; false switches the gate off."""
+    elpv = {"functional": 226, "defective": 107, "possibly_defective": 44, "likely_defective": 16}
+    gates = make_params().gates
+
+    def gate(correct: int, g=gates):
+        return next(
+            r for r in threshold_gates(split(correct, elpv), g, list(elpv)) if r.gate == "beat_majority"
+        )
+
+    constant = gate(226)
+    assert constant.passed is False and constant.threshold == pytest.approx(226 / 393)
+    assert constant.note == "always 'functional' scores 0.5751 (226 of 393)"
+    assert gate(244).passed is False  # 0.6209: lower bound 0.5718
+    clear = gate(266)  # 0.6768: lower bound 0.6289
+    assert clear.passed is True and clear.margin == pytest.approx(clear.observed - 226 / 393)
+    off = gate(100, gates_with(make_params, beat_majority=False))
+    assert off.passed is None and off.status == "skipped"
 
 
 def test_default_gates_report_the_worst_class(make_params):
@@ -91,7 +131,8 @@ def test_table_names_each_gate_and_its_result(make_params):
     results = threshold_gates({**GOOD, "accuracy": 0.4}, make_params().gates, NAMES)
     table = format_table(results)
     assert "min_accuracy" in table and "accuracy >= 0.5000" in table and "-0.1000" in table
-    assert "FAIL" in table.splitlines()[1] and table.count("pass") == 4
+    assert "FAIL" in table.splitlines()[1] and table.count("pass") == 6  # + max_ece, beat_majority
+    assert "accuracy_ci95_low > 0.5000" in table
 
 
 def test_gate_params_refuse_nonsense(make_params):

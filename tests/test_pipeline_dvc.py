@@ -159,6 +159,8 @@ def test_dvc_repro_on_real_elpv_subset(project):
         gates__min_class_recall=None,
         gates__max_recall_spread=None,
         gates__max_intra_class_variance=None,
+        gates__max_ece=None,
+        gates__beat_majority=False,
     )
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "init"], repo, env)

@@ -657,6 +657,7 @@ def card_info(client: Any, name: str, mv: Any, alias: str | None, folder: Path) 
             "opset": tags.get("onnx_opset", ""),
             "exporter": tags.get("onnx_exporter", ""),
             "parity_max_abs_diff": tags.get("parity_max_abs_diff", ""),
+            "temperature": tags.get("temperature", ""),
         },
         "alias_history": [
             m.to_dict() for m in registry.alias_history(client, name) if m.version == str(mv.version)

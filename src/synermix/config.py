@@ -422,6 +422,8 @@ class EvaluateParams(_Section):
     batch_size: Annotated[int, Field(ge=1, le=8192)] = 256
     #: equal-width confidence bins of the expected calibration error
     calibration_bins: Annotated[int, Field(ge=1, le=100)] = 15
+    #: fit a temperature on val (NLL) and report, export and serve calibrated probabilities
+    calibrate: bool = True
     device: Literal[DEVICES] = "auto"
     #: wrongly classified test images listed by name in reports/evaluation.md
     max_listed_errors: Annotated[int, Field(ge=0)] = 20
@@ -461,6 +463,10 @@ class GateParams(_Section):
     max_recall_spread: Fraction | None = 0.6
     #: mean over classes of W_c / T (see metrics.feature_geometry); 1 = no class structure
     max_intra_class_variance: Annotated[float, Field(gt=0, le=100)] | None = 1.0
+    #: expected calibration error of the calibrated test probabilities
+    max_ece: Fraction | None = 0.15
+    #: the accuracy's 95 % lower bound must exceed the largest class's share of the test split
+    beat_majority: bool = True
     champion: ChampionGate = Field(default_factory=ChampionGate)
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)

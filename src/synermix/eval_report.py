@@ -149,6 +149,7 @@ def render_markdown(
     errors: pd.DataFrame,
     max_listed_errors: int,
     calibration_bins: int,
+    temperature: Mapping[str, Any] | None = None,
 ) -> str:
     """reports/evaluation.md: verdict, gates, champion, metrics, per class, confusion, formulas."""
     failed = [g.gate for g in gates if g.passed is False]
@@ -231,6 +232,8 @@ def render_markdown(
 
     for label, key in headline:
         lines.append(f"| {label} | {cell(test, key)} | " + (f"{cell(val, key)} |" if val else ""))
+    if temperature:
+        lines += ["", *calibration_lines(temperature)]
     lines += [
         "",
         "## Per class (test)",
@@ -273,6 +276,39 @@ def render_markdown(
     return "\n".join(lines) + "\n"
 
 
+def calibration_lines(cal: Mapping[str, Any]) -> list[str]:
+    """The calibration section: the temperature and what it did to NLL and ECE."""
+    t = float(cal.get("temperature", 1.0))
+    how = f"fitted on {cal.get('fitted_on_images', 0)} val images by NLL" if cal.get("fitted_on") else ""
+    how = "; ".join(part for part in (how, cal.get("note", "")) if part) or "not calibrated"
+    lines = [
+        "## Calibration (temperature scaling)",
+        "",
+        f"Temperature T = {t:.4f} ({how}). The exported model outputs logits / T, so every "
+        "probability above, and those of predict, serve and pilot-eval, is calibrated; the "
+        "predicted class is unchanged.",
+    ]
+    rows = [
+        (
+            split,
+            cal.get(f"{split}_nll_before"),
+            cal.get(f"{split}_nll_after"),
+            cal.get(f"{split}_ece_before"),
+            cal.get(f"{split}_ece_after"),
+        )
+        for split in ("test", "val")
+    ]
+    rows = [r for r in rows if r[1] is not None]
+    if rows:
+        lines += [
+            "",
+            "| split | NLL before | NLL after | ECE before | ECE after |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        lines += [f"| {s} | {_num(a)} | {_num(b)} | {_num(c)} | {_num(d)} |" for s, a, b, c, d in rows]
+    return lines
+
+
 FORMULAS = [
     "- recall_c = correct images of class c / images of class c; macro recall (balanced accuracy) is "
     "their mean over classes; precision_c = correct predictions of c / predictions of c; "
@@ -281,6 +317,8 @@ FORMULAS = [
     "cannot tell apart from the one observed.",
     "- ECE = sum over {bins} equal-width confidence bins of (images in bin / n) x |accuracy - mean "
     "confidence| (confidence = the predicted class's softmax probability).",
+    "- Temperature scaling: T > 0 minimises the val NLL = mean over images of -log softmax(z / T)[true "
+    "class] (z: the logits); NLL before is at T = 1.",
     "- Features f are the penultimate layer (input of the final linear layer). mu_c: class centroid, "
     "mu: global mean. T = mean ||f - mu||^2; W_c = mean over class c of ||f - mu_c||^2; "
     "intra-class variance = mean over classes of W_c / T (0: each class collapsed to a point; "

@@ -42,6 +42,10 @@ class Scores:
     def probabilities(self) -> np.ndarray:
         return m.softmax(self.logits)
 
+    def scaled(self, temperature: float) -> Scores:
+        """The same scores with logits divided by ``temperature`` (temperature scaling)."""
+        return Scores(self.paths, self.labels, self.logits / float(temperature), self.features)
+
     @property
     def predictions(self) -> np.ndarray:
         return self.logits.argmax(axis=1)

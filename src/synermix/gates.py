@@ -29,6 +29,7 @@ THRESHOLD_GATES = (
         "<=",
         "mean per-class feature variance / total variance",
     ),
+    ("max_ece", "ece", "<=", "expected calibration error of the (calibrated) test probabilities"),
 )
 
 
@@ -50,7 +51,7 @@ class GateResult:
         """How far inside the limit (negative: how far outside)."""
         if self.threshold is None or self.observed is None or math.isnan(self.observed):
             return None
-        if self.rule == ">=":
+        if self.rule in (">=", ">"):
             return self.observed - self.threshold
         return self.threshold - self.observed
 
@@ -65,6 +66,8 @@ class GateResult:
 def _compare(observed: float | None, rule: str, threshold: float) -> bool:
     if observed is None or math.isnan(observed):
         return False  # a metric that could not be measured cannot vouch for the model
+    if rule == ">":  # strictly above: equal to the bar does not beat it
+        return observed > threshold + 1e-12
     # a rounding hair below the limit is still at the limit
     if rule == ">=":
         return observed >= threshold - 1e-12
@@ -93,7 +96,33 @@ def threshold_gates(
                 key, metric, rule, threshold, observed, _compare(observed, rule, threshold), about, note
             )
         )
+    results.append(majority_gate(metrics, gates, class_names))
     return results
+
+
+def majority_gate(metrics: Mapping[str, Any], gates: GateParams, class_names: Sequence[str]) -> GateResult:
+    """The lower end of the accuracy's 95 % interval above the share of the split's largest
+    class: the accuracy of answering that class every time. A model that does not clear it is
+    not shown to be better than a constant answer."""
+    about = "accuracy's 95 % lower bound above always answering the largest class"
+    supports = {n: int(r.get("support", 0)) for n, r in (metrics.get("per_class") or {}).items()}
+    total = sum(supports.values())
+    low = metrics.get("accuracy_ci95_low")
+    observed = None if low is None else float(low)
+    if not gates.beat_majority:
+        return GateResult(
+            "beat_majority", "accuracy_ci95_low", ">", None, observed, None, about, "off (false in params)"
+        )
+    if not total:
+        return GateResult(
+            "beat_majority", "accuracy_ci95_low", ">", None, observed, False, about, "no test images"
+        )
+    largest = max(supports, key=lambda n: (supports[n], n))
+    rate = supports[largest] / total
+    note = f"always '{largest}' scores {rate:.4f} ({supports[largest]} of {total})"
+    return GateResult(
+        "beat_majority", "accuracy_ci95_low", ">", rate, observed, _compare(observed, ">", rate), about, note
+    )
 
 
 def champion_gates(

@@ -51,6 +51,12 @@ def model_metadata(meta: dict[str, Any], exporter: str, opset: int, **extra: Any
         "output": f"{OUTPUT_NAME}: N x {len(meta['class_names'])} (softmax gives class probabilities)",
         **extra,
     }
+    temperature = extra.get("temperature")
+    if temperature is not None and temperature != 1.0:
+        description["output"] = (
+            f"{OUTPUT_NAME}: N x {len(meta['class_names'])} logits divided by the temperature "
+            f"{temperature:.6g} (softmax gives calibrated class probabilities)"
+        )
     return {
         METADATA_KEY: json.dumps(description, sort_keys=True),
         "class_names": json.dumps(list(meta["class_names"])),
@@ -84,6 +90,19 @@ def set_metadata(proto: onnx.ModelProto, metadata: dict[str, str]) -> None:
     for key, value in sorted(metadata.items()):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
+
+
+class TemperatureScaled(torch.nn.Module):
+    """``net(x) / T``: what is exported, so the ONNX graph itself outputs calibrated logits
+    (their softmax is the calibrated probabilities) for every consumer of the file."""
+
+    def __init__(self, net: torch.nn.Module, temperature: float) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("inverse_temperature", torch.tensor(1.0 / float(temperature)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) * self.inverse_temperature
 
 
 def export_onnx(

@@ -26,6 +26,8 @@ LAX = {
     "min_class_recall": None,
     "max_recall_spread": None,
     "max_intra_class_variance": None,
+    "max_ece": None,
+    "beat_majority": False,
 }
 #: production gates a one-epoch model on noise can meet: the checks themselves are what is tested
 PILOT_GATES = {"min_images": 6, "min_accuracy": 0.0, "min_macro_recall": 0.0, "max_drop": {"accuracy": 1.0}}

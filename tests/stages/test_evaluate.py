@@ -27,6 +27,8 @@ LAX = {  # gates every model passes, so a test can switch on the one it checks
     "min_class_recall": None,
     "max_recall_spread": None,
     "max_intra_class_variance": None,
+    "max_ece": None,
+    "beat_majority": False,
 }
 
 
@@ -288,3 +290,38 @@ def test_scores_match_a_direct_forward_pass(trained):
     assert scores.logits == pytest.approx(expected, abs=1e-4)
     assert scores.features.shape == (12, model.feature_dim)
     assert np.array_equal(scores.labels, [meta["class_names"].index(c) for c in rows["label"]])
+
+
+def test_evaluate_fits_a_temperature_on_val_and_reports_calibrated_probabilities(trained):
+    """T minimises the val NLL (so val NLL can only fall), the reported ECE is the calibrated
+    one, accuracy is untouched, and calibrate: false leaves T = 1."""
+    from synermix.calibration import nll
+    from synermix.data.transforms import Preprocessing
+    from synermix.evaluation import score_model
+    from synermix.training import load_trained_model
+
+    root, with_gates = trained
+    summary = run_evaluate(with_gates(min_accuracy=0.0), root)
+    cal = summary["calibration"]
+    t = cal["temperature"]
+    assert t > 0 and cal["fitted_on"] == "val" and cal["fitted_on_images"] == 12
+    assert cal["val_nll_after"] <= cal["val_nll_before"] + 1e-9
+    assert summary["test"]["ece"] == pytest.approx(cal["test_ece_after"])
+    # the numbers are those of the model's own logits on test, divided by T
+    model, meta = load_trained_model(root / MODEL_DIR)
+    pre = Preprocessing.from_dict(meta["preprocessing"])
+    scores = score_model(model, pre, held_out_rows(root), root / PREPARED_DIR, meta["class_names"])
+    assert cal["test_nll_before"] == pytest.approx(nll(scores.logits, scores.labels), rel=1e-6)
+    assert cal["test_nll_after"] == pytest.approx(nll(scores.logits, scores.labels, t), rel=1e-6)
+    assert summary["test"]["accuracy"] == pytest.approx(float(scores.correct.mean()))
+    report = (root / EVAL_REPORT).read_text()
+    assert f"Temperature T = {t:.4f} (fitted on 12 val images by NLL" in report
+    assert "| test | " in report.split("## Calibration (temperature scaling)")[1]
+
+    raw = with_gates(min_accuracy=0.0).model_dump()
+    from synermix.config import parse_params
+
+    off = run_evaluate(parse_params({**raw, "evaluate": {**raw["evaluate"], "calibrate": False}}), root)
+    assert off["calibration"]["temperature"] == 1.0 and "calibrate: false" in off["calibration"]["note"]
+    assert off["test"]["accuracy"] == summary["test"]["accuracy"]
+    assert off["test"]["ece"] == pytest.approx(cal["test_ece_before"])

@@ -170,3 +170,35 @@ def test_a_stale_evaluation_is_not_trusted_by_export_or_register(project):
     manifest.write_text(manifest.read_text() + "\n")
     with pytest.raises(UserError, match="another manifest"):
         run_export(with_export(), root)
+
+
+def test_the_exported_graph_outputs_calibrated_logits(project):
+    """The temperature evaluate fitted goes into the graph: ONNX logits are PyTorch's / T on
+    real val images, the metadata names T, and a T that is not a positive number is refused."""
+    from synermix.data.transforms import Preprocessing, load_resized, normalize
+    from synermix.paths import EVAL_METRICS
+    from synermix.training import load_trained_model
+
+    root, with_export, _ = project
+    summary_path = root / EVAL_METRICS
+    evaluation = json.loads(summary_path.read_text())
+    evaluation["calibration"]["temperature"] = 2.5  # a clear one: the fitted T may be near 1
+    summary_path.write_text(json.dumps(evaluation))
+    summary = run_export(with_export(), root)
+    assert summary["parity"]["passed"]
+    classifier = Classifier(root / ONNX_MODEL, provider="cpu")
+    assert classifier.info.extra["temperature"] == 2.5
+    assert "divided by the temperature 2.5" in classifier.info.extra["output"]
+    model, meta = load_trained_model(root / MODEL_DIR)
+    pre = Preprocessing.from_dict(meta["preprocessing"])
+    images = sorted((root / "data" / "prepared").rglob("*.png"))[:4]
+    batch = torch.stack([normalize(load_resized(f, pre.image_size, pre.channels), pre) for f in images])
+    with torch.no_grad():
+        expected = (model(batch) / 2.5).numpy()
+    assert classifier.logits(batch.numpy()) == pytest.approx(expected, abs=1e-4)
+
+    for bad in (-1.0, 0.0, "warm"):
+        evaluation["calibration"]["temperature"] = bad
+        summary_path.write_text(json.dumps(evaluation))
+        with pytest.raises(UserError, match=r"calibration.temperature .* is not a positive number"):
+            run_export(with_export(), root)

@@ -15,6 +15,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 
 from synermix import eval_report, evidence, registry
+from synermix import metrics as m
 from synermix.config import Params
 from synermix.data.transforms import Preprocessing
 from synermix.errors import CheckFailed, UserError
@@ -151,7 +152,13 @@ def run_evaluate(params: Params, root: Path = Path(".")) -> dict:
             model, pre, rows, image_root, names, ev.batch_size, ev.device, desc=f"score {split}"
         )
 
-    test_scores = score(test_rows, "test")
+    raw_test = score(test_rows, "test")
+    raw_val = score(val_rows, "val") if len(val_rows) else None
+    calibration = _calibrate(ev, raw_val, raw_test)
+    temperature = calibration["temperature"]
+    # every probability from here on is calibrated, as the exported model's will be; T > 0
+    # leaves each argmax (accuracy, recall, the gates) exactly as it was
+    test_scores = raw_test.scaled(temperature)
     test = split_report(test_scores, names, ev.calibration_bins)
     unmeasured = [n for n, row in test["per_class"].items() if not row["support"]]
     if unmeasured:
@@ -159,7 +166,9 @@ def run_evaluate(params: Params, root: Path = Path(".")) -> dict:
             "no test image of class(es) %s: their recall is not measured and no gate covers them",
             ", ".join(unmeasured),
         )
-    val = split_report(score(val_rows, "val"), names, ev.calibration_bins) if len(val_rows) else None
+    val = (
+        split_report(raw_val.scaled(temperature), names, ev.calibration_bins) if raw_val is not None else None
+    )
     champion = _champion_report(
         params,
         root,
@@ -188,6 +197,7 @@ def run_evaluate(params: Params, root: Path = Path(".")) -> dict:
         "model": model_identity(root),  # export and register refuse a verdict on other weights
         "test": scalars_only(test),
         "val": scalars_only(val) if val else {},
+        "calibration": json_safe(calibration),
         "gates": {g.gate: json_safe({k: v for k, v in g.to_dict().items() if k != "gate"}) for g in gates},
         "champion": json_safe(
             {k: champion[k] for k in ("version", "alias", "metrics", "paired") if k in champion}
@@ -215,6 +225,7 @@ def run_evaluate(params: Params, root: Path = Path(".")) -> dict:
         errors=predictions[~predictions["correct"]],
         max_listed_errors=ev.max_listed_errors,
         calibration_bins=ev.calibration_bins,
+        temperature=calibration,
     )
     (root / EVAL_REPORT).write_text(markdown)
     table = format_table(gates)
@@ -234,6 +245,38 @@ def run_evaluate(params: Params, root: Path = Path(".")) -> dict:
             "gates FAILED (gates.enforce is false, so the stage passes):\n%s\nreport: %s", table, EVAL_REPORT
         )
     return summary
+
+
+def _calibrate(ev, val, test) -> dict:
+    """The temperature (fitted on val, or 1) and NLL / ECE before and after it, on val and test."""
+    from synermix.calibration import fit_temperature, nll
+
+    if not ev.calibrate:
+        fit = {"temperature": 1.0, "note": "off (evaluate.calibrate: false)"}
+    elif val is None:
+        fit = {"temperature": 1.0, "note": "not calibrated: the val split is empty"}
+    else:
+        fit = fit_temperature(val.logits, val.labels).to_dict()
+    t = float(fit["temperature"])
+    out = {**fit, "fitted_on": "val" if ev.calibrate and val is not None else ""}
+    for split, scores in (("val", val), ("test", test)):
+        if scores is None or not len(scores.labels):
+            continue
+        for when, temp in (("before", 1.0), ("after", t)):
+            out[f"{split}_nll_{when}"] = nll(scores.logits, scores.labels, temp)
+            out[f"{split}_ece_{when}"] = m.calibration(
+                m.softmax(scores.logits / temp), scores.labels, ev.calibration_bins
+            )[0]
+    log.info(
+        "temperature %.4f (%s): test NLL %.4f -> %.4f, ECE %.4f -> %.4f",
+        t,
+        out.get("note") or f"fitted on {fit.get('fitted_on_images', 0)} val images",
+        out.get("test_nll_before", math.nan),
+        out.get("test_nll_after", math.nan),
+        out.get("test_ece_before", math.nan),
+        out.get("test_ece_after", math.nan),
+    )
+    return out
 
 
 def _metric_key(name: str) -> str:
@@ -287,6 +330,9 @@ def _log_evaluation(
             if result["margin"] is not None:
                 values[f"gate_margin.{gate}"] = float(result["margin"])
         values["gates_passed"] = float(summary["passed"])
+        for key, value in (summary.get("calibration") or {}).items():
+            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+                values[f"calibration.{key}"] = float(value)
         mlflow.log_metrics(values)
         mlflow.log_artifact(str(root / EVAL_REPORT))
         mlflow.log_artifact(str(root / EVAL_METRICS))

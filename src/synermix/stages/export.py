@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -40,12 +41,13 @@ from synermix.training import load_trained_model
 log = logging.getLogger(__name__)
 
 
-def _evaluation_verdict(root: Path) -> bool | None:
-    """Whether the evaluate stage passed this model's gates (None: not evaluated)."""
+def _evaluation_verdict(root: Path) -> tuple[bool | None, float]:
+    """Whether the evaluate stage passed this model's gates (None: not evaluated), and the
+    temperature it fitted (1 when it fitted none)."""
     path = root / EVAL_METRICS
     if not path.is_file():
-        log.warning("no %s: exporting a model that was not evaluated", EVAL_METRICS)
-        return None
+        log.warning("no %s: exporting a model that was not evaluated (uncalibrated)", EVAL_METRICS)
+        return None, 1.0
     try:
         summary = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -53,7 +55,13 @@ def _evaluation_verdict(root: Path) -> bool | None:
     check_evaluation_is_current(summary, root)
     if not summary.get("passed") and summary.get("enforced"):
         raise CheckFailed(f"{EVAL_METRICS} says the model failed its gates; fix that before exporting")
-    return bool(summary.get("passed"))
+    temperature = (summary.get("calibration") or {}).get("temperature", 1.0)
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+        raise UserError(
+            f"{EVAL_METRICS}: calibration.temperature {temperature!r} is not a positive number; "
+            "rerun the evaluate stage (dvc repro)"
+        )
+    return bool(summary.get("passed")), float(temperature)
 
 
 def run_export(params: Params, root: Path = Path(".")) -> dict:
@@ -66,7 +74,9 @@ def run_export(params: Params, root: Path = Path(".")) -> dict:
     if not (root / MODEL_JSON).is_file():
         raise UserError(f"no trained model in {MODEL_DIR}; run the train stage first (dvc repro)")
     model, meta = load_trained_model(root / MODEL_DIR)
-    gates_passed = _evaluation_verdict(root)
+    gates_passed, temperature = _evaluation_verdict(root)
+    if temperature != 1.0:  # the graph itself outputs logits / T: calibrated for every consumer
+        model = ox.TemperatureScaled(model, temperature)
     names = list(meta["class_names"])
     val_rows, test_rows = evaluation_rows(root, names, meta.get("manifest_sha256"))
     if val_rows.empty:
@@ -76,7 +86,9 @@ def run_export(params: Params, root: Path = Path(".")) -> dict:
     out_dir = root / EXPORT_DIR
     if out_dir.is_dir():  # this stage's own output: stale variants must not linger
         shutil.rmtree(out_dir)
-    metadata = ox.model_metadata(meta, ex.exporter, ex.opset, gates_passed=gates_passed)
+    metadata = ox.model_metadata(
+        meta, ex.exporter, ex.opset, gates_passed=gates_passed, temperature=temperature
+    )
     ox.export_onnx(model, pre.channels, pre.image_size, root / ONNX_MODEL, ex.exporter, ex.opset, metadata)
     classifier = Classifier(root / ONNX_MODEL, provider="cpu")
 

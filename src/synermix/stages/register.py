@@ -130,6 +130,8 @@ def _version_tags(meta, evaluation, export, runs, register_run) -> dict[str, str
         "arch": str(meta.get("arch", "")),
         "method": str(meta.get("method", "")),
         "init": str((meta.get("init") or {}).get("spec", "scratch")),
+        # the graph outputs logits / T (temperature scaling fitted on val by evaluate)
+        "temperature": model_tags.number((evaluation.get("calibration") or {}).get("temperature", 1.0)),
         **runs,
     }
     if (meta.get("init") or {}).get("sha256"):
