@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml requirements.lock
 repro: install
 	dvc repro
 
-# the default suite: everything but the end-to-end `dvc repro` tests; the 15 slowest tests
+# the default suite: everything but the slow tests (end-to-end `dvc repro`, real PostgreSQL / MLflow servers); the 15 slowest tests
 # are listed at the end (the suite's time on 2 cores: docs/benchmarks.md, "Test suite")
 test: install
 	pytest -m "not slow" --durations=15
@@ -28,7 +28,7 @@ test: install
 test-unit: install
 	pytest -m "not slow and not integration" --durations=10
 
-# the end-to-end tests: real `dvc repro` in a temporary git repo; CI runs both
+# the slow tests: real `dvc repro` in a temporary git repo, real PostgreSQL / MLflow servers; CI runs both
 test-slow: install
 	pytest -m slow
 

@@ -68,6 +68,7 @@ def check_registry_errors(client) -> None:
     client.delete_registered_model("mutex")
 
 
+@pytest.mark.slow  # PostgreSQL and an MLflow server: make test-slow and CI run it
 def test_tracking_and_registry_through_server(mlflow_server, tmp_path, monkeypatch):
     import mlflow
     import onnx

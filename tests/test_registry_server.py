@@ -11,6 +11,7 @@ from .helpers.registry import build_project, rollout_flow
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.slow  # PostgreSQL and an MLflow server: make test-slow and CI run it
 def test_register_promote_rollback_over_http(tmp_path, train_project, mlflow_server):
     params, raw, uri = build_project(tmp_path, train_project, tracking_uri=mlflow_server)
     assert uri.startswith("http://")

@@ -347,6 +347,7 @@ def test_kill_during_a_trial_then_resume_keeps_finished_trials_and_the_budget(pr
     assert not list((root / TUNE_STATE_DIR / "trials").rglob("*.pt"))  # checkpoints cleaned up
 
 
+@pytest.mark.slow  # a real PostgreSQL server (~30 s): make test-slow and CI run it
 def test_two_workers_share_one_study_on_postgresql(project, postgres_url):
     root, photos = project
     params = tune_params(photos, n_trials=8, epochs=3, storage=postgres_url, pruner={"kind": "none"})
