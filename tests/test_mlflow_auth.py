@@ -150,6 +150,7 @@ def test_read_only_users_only_read():
         ("SearchRuns", "POST"),
         ("ListArtifacts", "GET"),
         (None, "GET"),
+        ("GraphQL", "POST"),  # the UI's run pages: queries and searches only
     ]:
         assert refused("read-only", action, method) is None
     for action in ["CreateRun", "LogBatch", "SetRegisteredModelAlias", "CreateModelVersion", None]:

@@ -9,7 +9,8 @@ name in the server's environment:
 
 - **release** (``SYNERMIX_RELEASE_USERS``, and MLflow admins): everything MLflow allows.
 - **read-only** (``SYNERMIX_READ_ONLY_USERS``, e.g. the line's ``synermix serve``): reads
-  only (GET, and the Get/Search/List calls MLflow sends as POST).
+  only (GET, the Get/Search/List calls MLflow sends as POST, and GraphQL, whose schema has
+  queries and searches only).
 - **everyone else** (the pipeline, data scientists): everything MLflow allows except the
   release actions on registered models. They may register versions (with tags) and move
   the aliases in ``SYNERMIX_OPEN_ALIASES`` (default ``candidate``) the way synermix does
@@ -55,6 +56,8 @@ RELEASE_ACTIONS = frozenset(
     }
 )
 READ_PREFIXES = ("Get", "Search", "List")
+#: MLflow's GraphQL endpoint (the UI's run pages): its schema has queries and searches only
+GRAPHQL = "GraphQL"
 
 
 def names(env: Mapping[str, str], key: str, default: str = "") -> frozenset[str]:
@@ -93,7 +96,11 @@ def refusal(
     if role == "release":
         return None
     if role == "read-only":
-        if method in ("GET", "HEAD", "OPTIONS") or (action or "").startswith(READ_PREFIXES):
+        if (
+            method in ("GET", "HEAD", "OPTIONS")
+            or action == GRAPHQL
+            or (action or "").startswith(READ_PREFIXES)
+        ):
             return None
         return f"{action or method} writes, and this user is read-only ({READ_ONLY_USERS_ENV})"
     if action not in RELEASE_ACTIONS:
@@ -184,6 +191,8 @@ def create_app(app: Any = None) -> Any:
             is_admin = False
         role = role_of(user, is_admin, env)
         action = classes.get((request.path, request.method))
+        if action is None and request.path.endswith("/graphql"):
+            action = GRAPHQL
         why = refusal(role, request.method, action, _params(), open_aliases, _current_tag)
         if why is None:
             return None
