@@ -188,87 +188,15 @@ def mlflow_server(postgres_url: str, tmp_path_factory) -> str:
     sends none), so it stays enabled here: no ``--allowed-hosts`` or
     ``--disable-security-middleware`` is needed.
     """
-    import contextlib
-    import os
-    import signal
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.error
-    import urllib.request
     from urllib.parse import urlsplit
 
     import psycopg
+
+    from .helpers.mlflow_server import running_mlflow_server
 
     server_url = urlsplit(postgres_url)
     with psycopg.connect(postgres_url, autocommit=True) as conn:  # CREATE DATABASE needs autocommit
         conn.execute("CREATE DATABASE mlflow")
     backend_uri = f"postgresql+psycopg://{server_url.netloc}/mlflow"
-
-    root = tmp_path_factory.mktemp("mlflow-server")
-    artifacts = root / "artifacts"
-    artifacts.mkdir()
-    log_path = root / "server.log"
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    uri = f"http://127.0.0.1:{port}"
-    command = [
-        str(Path(sys.executable).parent / "mlflow"),
-        "server",
-        "--backend-store-uri", backend_uri,
-        "--serve-artifacts",
-        "--artifacts-destination", str(artifacts),
-        "--default-artifact-root", "mlflow-artifacts:/",
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--workers", "1",
-    ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(
-        MLFLOW_DISABLE_TELEMETRY="true",  # no network from tests
-        # no background job runner (huey consumer; GenAI evaluation jobs, trace rollups)
-        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
-    )
-    log_file = log_path.open("wb")
-    # its own session: `mlflow server` forks uvicorn, so stop the whole process group
-    proc = subprocess.Popen(
-        command, cwd=root, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
-    )
-
-    def log_tail(lines: int = 60) -> str:
-        return "\n".join(log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def answers(path: str, data: bytes | None = None) -> bool:
-        request = urllib.request.Request(uri + path, data=data, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=5) as response:
-                return response.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
-
-    try:
-        start = time.monotonic()
-        deadline = start + 120  # the first start creates the schema (~7 s here, more on slow machines)
-        while not (
-            answers("/health") and answers("/api/2.0/mlflow/experiments/search", b'{"max_results": 1}')
-        ):
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log_tail()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not ready after 120 s:\n{log_tail()}")
-            time.sleep(0.5)
-        log_file.write(f"[mlflow_server fixture] ready after {time.monotonic() - start:.1f} s\n".encode())
-        log_file.flush()
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), backend_uri) as uri:
         yield uri
-    finally:
-        # SIGTERM to the whole group (the CLI and its uvicorn child), SIGKILL what is left after
-        # a few seconds; ProcessLookupError: the group is already gone
-        with contextlib.suppress(ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=10)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        log_file.close()

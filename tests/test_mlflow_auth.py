@@ -4,14 +4,10 @@ read-only) doing what synermix does."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -19,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from synermix.mlflow_auth import refusal, role_of
+
+from .helpers.mlflow_server import running_mlflow_server
 
 OPEN = frozenset({"candidate"})
 DOCKER = Path(__file__).resolve().parents[1] / "docker"
@@ -168,68 +166,33 @@ def auth_server(tmp_path_factory):
     ini = ini.replace("sqlite:////var/lib/mlflow-auth/basic_auth.db", f"sqlite:///{root / 'auth.db'}")
     assert str(root / "auth.db") in ini
     (root / "auth.ini").write_text(ini)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    uri = f"http://127.0.0.1:{port}"
-    command = [
-        str(Path(sys.executable).parent / "mlflow"), "server", "--app-name", "synermix-auth",
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-        "--serve-artifacts", "--artifacts-destination", str(root / "artifacts"),
-        "--default-artifact-root", "mlflow-artifacts:/",
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-    ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "SYNERMIX_"))}
-    env.update(
-        MLFLOW_DISABLE_TELEMETRY="true",
-        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
-        MLFLOW_AUTH_CONFIG_PATH=str(root / "auth.ini"),
-        MLFLOW_AUTH_ADMIN_PASSWORD="admin-test-password-1",
-        MLFLOW_FLASK_SERVER_SECRET_KEY="test-secret-key",
-        SYNERMIX_RELEASE_USERS="qa",
-        SYNERMIX_READ_ONLY_USERS="line3",
+    secrets = {
+        "MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": "admin-test-password-1",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret-key",
+        "SYNERMIX_RELEASE_USERS": "qa",
+        "SYNERMIX_READ_ONLY_USERS": "line3",
+    }
+    server = running_mlflow_server(
+        root, f"sqlite:///{root / 'mlflow.db'}", app_name="synermix-auth", env=secrets, probe_api=False
     )
-    log_path = root / "server.log"
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(
-            command, cwd=root, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    with urllib.request.urlopen(uri + "/health", timeout=5) as response:
-                        if response.status == 200:
-                            break
-                except (urllib.error.URLError, OSError):
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
-                    pytest.fail(f"mlflow server (synermix-auth) did not start:\n{tail}")
-                time.sleep(0.5)
-            # the stack's one-shot user setup, twice: the second run changes nothing
-            setup = {
-                **env,
-                "MLFLOW_TRACKING_URI": uri,
-                "MLFLOW_TRACKING_USERNAME": "admin",
-                "MLFLOW_TRACKING_PASSWORD": "admin-test-password-1",
-                **{f"PW_{user.upper()}": f"{user}-password-1" for user in ("pipeline", "qa", "line3")},
-            }
-            specs = ["pipeline=PW_PIPELINE", "qa=PW_QA", "line3=PW_LINE3"]
-            for expected in ("users created: pipeline, qa, line3", "users created: none"):
-                done = subprocess.run(
-                    [str(Path(sys.executable).parent / "synermix-mlflow-users"), "users", *specs],
-                    env=setup, capture_output=True, text=True, timeout=120,
-                )  # fmt: skip
-                assert done.returncode == 0 and expected in done.stdout, done.stdout + done.stderr
-            yield uri
-        finally:
-            with contextlib.suppress(ProcessLookupError, subprocess.TimeoutExpired):
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=10)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    with server as uri:
+        # the stack's one-shot user setup, twice: the second run changes nothing
+        setup = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "SYNERMIX_"))},
+            "MLFLOW_TRACKING_URI": uri,
+            "MLFLOW_TRACKING_USERNAME": "admin",
+            "MLFLOW_TRACKING_PASSWORD": "admin-test-password-1",
+            **{f"PW_{user.upper()}": f"{user}-password-1" for user in ("pipeline", "qa", "line3")},
+        }
+        specs = ["pipeline=PW_PIPELINE", "qa=PW_QA", "line3=PW_LINE3"]
+        for expected in ("users created: pipeline, qa, line3", "users created: none"):
+            done = subprocess.run(
+                [str(Path(sys.executable).parent / "synermix-mlflow-users"), "users", *specs],
+                env=setup, capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            assert done.returncode == 0 and expected in done.stdout, done.stdout + done.stderr
+        yield uri
 
 
 @pytest.mark.integration
