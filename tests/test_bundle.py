@@ -183,7 +183,10 @@ def test_bundle_layout_checksums_and_contents(sources, bundle):
         "run-export-43",
         "abc123",
         "@candidate, @pilot",
-        "synermix predict --abstain",
+        "synermix predict --model <bundle folder> --abstain P",
+        # a model without an operating point says so, not silence
+        "## Decisions on the line",
+        "carries no operating point",
     ):
         assert text in card
     assert "sha256sum -c SHA256SUMS" in card and "crack" in card

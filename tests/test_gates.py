@@ -25,6 +25,9 @@ GOOD = {
     "intra_class_variance": 0.3,
     "ece": 0.05,
     "accuracy_ci95_low": 0.8,
+    "escape_rate": 0.08,
+    "overkill_rate": 0.12,
+    "review_rate": 0.2,
     "per_class": {"crack": {"support": 10}, "ok": {"support": 20}, "scratch": {"support": 10}},
 }
 
@@ -131,7 +134,8 @@ def test_table_names_each_gate_and_its_result(make_params):
     results = threshold_gates({**GOOD, "accuracy": 0.4}, make_params().gates, NAMES)
     table = format_table(results)
     assert "min_accuracy" in table and "accuracy >= 0.5000" in table and "-0.1000" in table
-    assert "FAIL" in table.splitlines()[1] and table.count("pass") == 6  # + max_ece, beat_majority
+    # the other four thresholds, max_ece, the three decision gates and beat_majority pass
+    assert "FAIL" in table.splitlines()[1] and table.count("pass") == 9
     assert "accuracy_ci95_low > 0.5000" in table
 
 
@@ -171,6 +175,9 @@ def production_tags(**overrides) -> dict:
         "pilot_eval.accuracy": "0.80",
         "pilot_eval.macro_recall": "0.70",
         "pilot_eval.recall_min": "0.50",
+        "pilot_eval.escape_rate": "0.04",
+        "pilot_eval.overkill_rate": "0.30",
+        "pilot_eval.review_rate": "0.20",
         "pilot_eval.production_version": "3",
         "pilot_eval.production_accuracy": "0.79",
         "pilot_eval.production_macro_recall": "0.71",
@@ -209,3 +216,43 @@ def test_production_checks_without_evidence():
     tags = {"gates_passed": "true", "held.pilot": "true"}
     results = production_checks(tags, gates, "2", "1")
     assert [r.gate for r in results if r.passed is False] == ["pilot_evidence"]
+
+
+def test_decision_gates_are_skipped_without_an_operating_point(make_params):
+    """No defect classes declared: no escape / overkill / review rates, so their gates say so
+    and do not fail; with the rates present they judge them."""
+    no_rates = {k: v for k, v in GOOD.items() if not k.endswith("_rate")}
+    gates = gates_with(make_params, max_escape_rate=0.1, max_overkill_rate=0.2, max_review_rate=0.3)
+    results = {r.gate: r for r in threshold_gates(no_rates, gates, NAMES)}
+    for key in ("max_escape_rate", "max_overkill_rate", "max_review_rate"):
+        assert results[key].passed is None and "no defect classes declared" in results[key].note
+    results = {r.gate: r for r in threshold_gates({**GOOD, "escape_rate": 0.15}, gates, NAMES)}
+    assert results["max_escape_rate"].passed is False and results["max_overkill_rate"].passed is True
+
+
+def test_production_decision_gates(make_params):
+    """The pilot images' escape rate at the version's own operating point: over the limit
+    fails, evidence recorded without it fails (rerun pilot-eval), a model without an
+    operating point skips."""
+    gates = make_params(
+        registry={"production_gates": {"max_escape_rate": 0.1, "max_evidence_age_days": None}}
+    ).registry.production_gates
+    base = {
+        "gates_passed": "true",
+        "held.pilot": "true",
+        "pilot_eval.images": "200",
+        "pilot_eval.accuracy": "0.9",
+        "pilot_eval.macro_recall": "0.9",
+    }
+
+    def escape_gate(**tags):
+        results = production_checks({**base, **tags}, gates, "3", None)
+        return next(r for r in results if r.gate == "pilot_max_escape_rate")
+
+    assert escape_gate(**{"pilot_eval.escape_rate": "0.05"}).passed is True
+    over = escape_gate(**{"pilot_eval.escape_rate": "0.15"})
+    assert over.passed is False and over.observed == pytest.approx(0.15)
+    missing = escape_gate()
+    assert missing.passed is False and "rerun synermix pilot-eval" in missing.note
+    none = escape_gate(**{"pilot_eval.decision_note": "the model has no operating point"})
+    assert none.passed is None

@@ -338,3 +338,69 @@ def test_malformed_metadata_in_a_model_file_is_one_line_from_predict(grey_model,
     image.write_bytes(png_bytes(noise_image(1)))
     proc = run_cli("predict", str(image), "--model", str(bad), cwd=tmp_path)
     assert proc.returncode == 2 and "metadata is malformed" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_decision_and_unknown_distance_travel_in_the_onnx_file(tmp_path):
+    """Calibrated logits, the distance and the stored operating point: onnxruntime answers what
+    PyTorch and numpy compute, and predict's decision is the one decision.decide gives."""
+    from synermix import decision as dc
+    from synermix.novelty import fit_novelty, fit_threshold, novelty_module
+
+    torch.manual_seed(0)
+    net = build_model("resnet18", len(CLASSES), 1).eval()
+    pre = Preprocessing(32, 1, (0.45,), (0.22,))
+    files = {f"img{i}.png": png_bytes(noise_image(i)) for i in range(24)}
+    x = np.stack([normalize(load_resized_bytes(b, tmp_path, pre), pre).numpy() for b in files.values()])
+    with torch.no_grad():
+        feats = net.features(torch.from_numpy(x)).double().numpy()
+    labels = np.arange(len(x)) % 3
+    novelty = fit_novelty(feats, labels, 3, shrinkage=0.5)
+    threshold = fit_threshold(novelty.distances(feats), 0.25)
+    point = dc.OperatingPoint(CLASSES, ["crack", "scratch"], 0.5, 0.8)
+    meta = {
+        "arch": "resnet18",
+        "class_names": CLASSES,
+        "preprocessing": pre.to_dict(),
+        "weights_sha256": "cd" * 32,
+    }
+    decision = {"operating_point": point.to_dict(), "unknown_above": threshold}
+    wrapped = ox.WithDistance(net, 1.7, novelty_module(novelty)).eval()
+    path = tmp_path / "model.onnx"
+    ox.export_onnx(
+        wrapped,
+        1,
+        32,
+        path,
+        "dynamo",
+        18,
+        ox.model_metadata(meta, "dynamo", 18, temperature=1.7, decision=decision),
+    )
+    classifier = Classifier(path, provider="cpu")
+    assert classifier.output_names == ["logits", "distance"]
+    assert classifier.info.operating_point == point and classifier.info.unknown_above == threshold
+    logits, distance = classifier.outputs(x)
+    with torch.no_grad():
+        expected = net(torch.from_numpy(x)).double().numpy() / 1.7
+    assert np.abs(logits - expected).max() <= 1e-4
+    assert distance == pytest.approx(novelty.distances(feats), rel=1e-4)
+    expected_decisions = dc.decide(point, threshold, classifier.softmax(expected), novelty.distances(feats))
+    assert "unknown" in expected_decisions and len(set(expected_decisions)) >= 2
+    results = classifier.predict(list(files.items()), batch_size=5)
+    assert [r.decision for r in results] == expected_decisions
+    row = results[0].to_row(CLASSES)
+    assert row["decision"] == expected_decisions[0] and row["distance"] == pytest.approx(
+        distance[0], rel=1e-5
+    )
+    (tmp_path / "files").mkdir()
+    for name, data in files.items():
+        (tmp_path / "files" / name).write_bytes(data)
+    parity = ox.check_parity(
+        wrapped, classifier, [tmp_path / "files" / name for name in files], [torch.from_numpy(v) for v in x]
+    )
+    assert parity.distance_max_rel_diff is not None and parity.passed(1e-4)
+
+
+def load_resized_bytes(data: bytes, folder, pre):
+    path = folder / "one.png"
+    path.write_bytes(data)
+    return load_resized(path, pre.image_size, pre.channels)

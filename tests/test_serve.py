@@ -599,17 +599,17 @@ def test_inference_failure_answers_503_and_takes_readiness_down(bundles):
     with serving(str(bundles["a"]), provider="cpu", poll_seconds=0) as (client, service):
         good = images(1)[0][1]
         classifier = service.primary.current.classifier
-        real = classifier.probabilities
+        real = classifier.outputs
 
         def failing(batch):
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-        classifier.probabilities = failing
+        classifier.outputs = failing
         code, answer = client.predict(good)
         assert code == 503 and "failed at inference" in answer["error"]
         code, answer = client.request("GET", "/readyz")
         assert code == 503 and "illegal memory access" in answer["error"]
-        classifier.probabilities = real
+        classifier.outputs = real
         assert client.predict(good)[0] == 200  # a run that succeeds makes it ready again
         assert client.request("GET", "/readyz")[0] == 200
 

@@ -252,7 +252,9 @@ def _fill(tmp: Path, sources: Mapping[str, Path], info: Mapping[str, Any]) -> Mo
     (tmp / PREPROCESSING_FILE).write_text(json.dumps(preprocessing, indent=2) + "\n", encoding="utf-8")
 
     described = [BundleFile.of(tmp / n) for n in (*sources, LABELS_FILE, PREPROCESSING_FILE)]
-    card = render_model_card(info, names, described, preprocessing=preprocessing)
+    card = render_model_card(
+        info, names, described, preprocessing=preprocessing, decision=decision_spec(model.info)
+    )
     (tmp / CARD_FILE).write_text(card, encoding="utf-8")
     manifest = {
         "format_version": BUNDLE_FORMAT_VERSION,
@@ -489,13 +491,70 @@ def _header(info: Mapping[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def decision_spec(model: ModelInfo) -> dict[str, Any] | None:
+    """The decision rule stored in the ONNX model (what predict and serve apply), for the card."""
+    point = model.operating_point
+    if point is None and model.unknown_above is None:
+        return None
+    out: dict[str, Any] = {"unknown_above": model.unknown_above}
+    if point is not None:
+        out |= {
+            "defect_classes": list(point.defect_classes),
+            "accept_below": point.accept_below,
+            "reject_from": point.reject_from,
+            "fit": dict(point.fit),
+        }
+    return out
+
+
+def _decision_section(decision: Mapping[str, Any] | None) -> list[str]:
+    if not decision:
+        return _section(
+            "Decisions on the line",
+            ["The model carries no operating point: it answers classes and probabilities only."],
+        )
+    body: list[str] = []
+    if decision.get("defect_classes"):
+        fit = _mapping(decision.get("fit")) or {}
+        body += [
+            f"Defect classes: {', '.join(decision['defect_classes'])}; P(defect) is their summed calibrated "
+            "probability. Every prediction carries one decision:",
+            "",
+            f"- `accept` (a good part): P(defect) below {decision['accept_below']:.4f}",
+            f"- `review` (a person looks): P(defect) from {decision['accept_below']:.4f} up to "
+            f"{decision['reject_from']:.4f}",
+            f"- `reject` (a defective part): P(defect) from {decision['reject_from']:.4f}",
+        ]
+        if fit.get("fixed"):
+            body += ["", f"Thresholds fixed by `{fit['fixed']}`."]
+        elif fit:
+            limits = _mapping(fit.get("limits")) or {}
+            shown = ", ".join(f"{k} {v}" for k, v in limits.items() if v is not None and k != "review")
+            body += [
+                "",
+                f"Fitted on {fit.get('images')} {fit.get('fitted_on', 'val')} images"
+                + (f" to meet {shown}" if shown else "")
+                + f" at the lowest mean cost: escape {_cell(fit.get('escape_rate'), 4)}, overkill "
+                f"{_cell(fit.get('overkill_rate'), 4)}, review {_cell(fit.get('review_rate'), 4)} there. "
+                "The test-split rates with their intervals are under Metrics and in the evaluation report.",
+            ]
+    if decision.get("unknown_above") is not None:
+        body += [
+            "",
+            f"- `unknown` (not a part this model knows; before any other decision): the distance of the "
+            f"image's features to the nearest class is above {decision['unknown_above']:.4g}",
+        ]
+    return _section("Decisions on the line", body)
+
+
 def _intended_use(class_names: Sequence[str]) -> list[str]:
     classes = ", ".join(class_names) or "the classes below"
     text = (
         f"A visual inspection classifier: each image gets one of {len(class_names)} classes "
-        f"({classes}) and a probability for every class. It supports inspection and does not "
-        "replace it: run it with `synermix predict --abstain P`, so images whose top class "
-        "probability is below P are marked `abstain` and go to manual inspection. It was "
+        f"({classes}), a calibrated probability for every class and, where the model carries an "
+        "operating point, a decision (accept, review, reject, unknown; see Decisions on the line). "
+        "It supports inspection and does not replace it: parts decided `review` or `unknown` go "
+        "to a person. It was "
         "evaluated only on images like its training data (camera, lighting, product); read "
         "Data, Metrics and Pilot evidence before using it on anything else."
     )
@@ -524,6 +583,7 @@ def render_model_card(
     class_names: Sequence[str],
     files: Sequence[BundleFile],
     preprocessing: Mapping[str, Any] | None = None,
+    decision: Mapping[str, Any] | None = None,
 ) -> str:
     """``MODEL_CARD.md``: plain markdown, the same text for the same inputs (no clock inside).
 
@@ -535,6 +595,7 @@ def render_model_card(
     info = info or {}
     lines = _header(info)
     lines += _intended_use(class_names)
+    lines += _decision_section(decision)
     lines += _section(
         "Classes", _table(["index", "class"], [[str(i), _cell(c)] for i, c in enumerate(class_names)])
     )
@@ -581,7 +642,8 @@ def render_model_card(
             f"sha256sum -c {SUMS_FILE}",
             "```",
             "",
-            "Classify images (one CSV row per image; `--abstain P` sends unsure ones to manual inspection):",
+            "Classify images (one CSV row per image with its decision; `--abstain P` also marks images "
+            "whose top class probability is below P):",
             "",
             "```",
             "synermix predict --model <bundle folder> images/",

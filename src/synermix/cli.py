@@ -71,7 +71,9 @@ def _parser() -> argparse.ArgumentParser:
         "predict",
         help="classify image files or folders with an exported ONNX model (CSV or JSON out)",
         description="Classify images with an exported ONNX model. Each image gets a row: path, "
-        "status (ok | abstain | error), class, confidence, every class score, and the error "
+        "status (ok | abstain | error), decision (accept | reject | review | unknown, from the "
+        "operating point stored in the model; empty when it has none), class, confidence, the "
+        "feature distance to the nearest class, every calibrated class probability, and the error "
         "for files that could not be scored (the batch goes on).",
     )
     predict.add_argument("paths", nargs="+", help="image files and/or folders (searched recursively)")
@@ -345,6 +347,11 @@ def _predict_with(args: argparse.Namespace, model: Path) -> int:
         counts["error"],
         classifier.provider,
     )
+    decided = {d: sum(r.decision == d for r in results) for d in ("accept", "reject", "review", "unknown")}
+    if any(decided.values()):
+        logging.getLogger("synermix.predict").info(
+            "decisions: %s", ", ".join(f"{n} {d}" for d, n in decided.items())
+        )
     for r in results:
         if r.status == "error":
             logging.getLogger("synermix.predict").warning("%s: %s", r.path, r.error)

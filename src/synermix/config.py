@@ -24,6 +24,9 @@ from synermix.paths import MLFLOW_DB, ONNX_MODEL, PARAMS_FILE, SHADOW_LOG
 
 Severity = Literal["error", "warning", "off"]
 
+#: ELPV's defect classes when decision.defect_classes is null
+ELPV_DEFECT_CLASSES = ("likely_defective", "defective")
+
 #: Source kinds accepted by ``data.source``.
 SOURCE_KINDS = ("elpv", "folder", "fashion-mnist")
 
@@ -465,11 +468,94 @@ class GateParams(_Section):
     max_intra_class_variance: Annotated[float, Field(gt=0, le=100)] | None = 1.0
     #: expected calibration error of the calibrated test probabilities
     max_ece: Fraction | None = 0.15
+    #: the line's rates on test, at the operating point fitted on val (decision:); skipped
+    #: while there are no defect classes
+    max_escape_rate: Fraction | None = 0.10
+    max_overkill_rate: Fraction | None = 0.6
+    max_review_rate: Fraction | None = 0.35
     #: the accuracy's 95 % lower bound must exceed the largest class's share of the test split
     beat_majority: bool = True
     champion: ChampionGate = Field(default_factory=ChampionGate)
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class UnknownParams(_Section):
+    """Unknown-part rejection: distance of the penultimate features to every class
+    (:mod:`synermix.novelty`)."""
+
+    enabled: bool = True
+    #: share of val images (real parts) allowed above the threshold: the false-reject rate
+    false_reject: Annotated[float, Field(gt=0, lt=1)] = 0.02
+    #: shrinkage of the shared covariance towards its mean variance
+    shrinkage: Annotated[float, Field(gt=0, le=10)] = 0.01
+
+
+class DecisionParams(_Section):
+    """The line's decision: accept | review | reject | unknown, fitted on val (:mod:`synermix.decision`)."""
+
+    #: classes whose parts are defective (rejected); every other class is a good part.
+    #: Empty: no decisions (class labels only) and the decision gates are skipped. null: the
+    #: data source's own (ELPV: likely_defective, defective; any other source: none).
+    defect_classes: list[str] | None = None
+    #: limits on the val split the fitted thresholds must meet (null: no limit)
+    max_escape_rate: Fraction | None = 0.05
+    max_overkill_rate: Fraction | None = None
+    max_review_rate: Fraction | None = 0.3
+    #: false: one threshold, no review band
+    review: bool = True
+    #: mean cost minimised among the thresholds that meet the limits:
+    #: rows good part | defective part; columns accept | review | reject
+    costs: list[list[float]] = Field(default_factory=lambda: [[0.0, 0.2, 1.0], [10.0, 0.2, 0.0]])
+    #: fixed [accept_below, reject_from] on P(defect) in place of the fit (null: fitted)
+    review_band: list[float] | None = None
+    unknown: UnknownParams = Field(default_factory=UnknownParams)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+    @field_validator("defect_classes")
+    @classmethod
+    def _unique_defects(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return value
+        if len(set(value)) != len(value):
+            raise ValueError("lists a class twice")
+        if any(not c.strip() for c in value):
+            raise ValueError("holds an empty class name")
+        return value
+
+    @field_validator("costs")
+    @classmethod
+    def _cost_matrix(cls, value: list[list[float]]) -> list[list[float]]:
+        if len(value) != 2 or any(len(row) != 3 for row in value):
+            shape = f"{len(value)} x {'/'.join(str(len(r)) for r in value) or 0}"
+            raise ValueError(
+                "must be 2 x 3 (rows: good part, defective part; columns: accept, review, reject), "
+                f"not {shape}"
+            )
+        flat = [float(x) for row in value for x in row]
+        if any(not (x >= 0) or x == float("inf") for x in flat):
+            raise ValueError("entries must be finite and not negative")
+        if value[1][0] <= value[1][2] or value[0][2] <= value[0][0]:
+            raise ValueError(
+                "accepting a defective part must cost more than rejecting it, and rejecting a good part "
+                "more than accepting it"
+            )
+        return value
+
+    @field_validator("review_band")
+    @classmethod
+    def _band(cls, value: list[float] | None) -> list[float] | None:
+        if value is None:
+            return value
+        if len(value) != 2:
+            raise ValueError("must be [accept_below, reject_from], two probabilities")
+        low, high = (float(x) for x in value)
+        if not (0 <= low <= 1 and 0 <= high <= 1):
+            raise ValueError("bounds must be probabilities in [0, 1]")
+        if low > high:
+            raise ValueError(f"bounds cross: accept_below {low:g} is above reject_from {high:g}")
+        return [low, high]
 
 
 class ExportParams(_Section):
@@ -505,6 +591,10 @@ class ProductionGates(_Section):
     min_accuracy: Fraction | None = 0.5
     min_macro_recall: Fraction | None = 0.4
     min_class_recall: Fraction | None = None
+    #: the line's rates on the pilot images, at the version's stored operating point
+    max_escape_rate: Fraction | None = 0.10
+    max_overkill_rate: Fraction | None = 0.6
+    max_review_rate: Fraction | None = 0.35
     #: largest drop against the current production version on the same pilot images
     max_drop: dict[Literal["accuracy", "macro_recall"], Fraction] = Field(
         default_factory=lambda: {"accuracy": 0.02, "macro_recall": 0.02}
@@ -620,6 +710,7 @@ class Params(_Section):
     train: TrainParams = Field(default_factory=TrainParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     gates: GateParams = Field(default_factory=GateParams)
+    decision: DecisionParams = Field(default_factory=DecisionParams)
     export: ExportParams = Field(default_factory=ExportParams)
     registry: RegistryParams = Field(default_factory=RegistryParams)
     serve: ServeParams = Field(default_factory=ServeParams)
@@ -645,6 +736,29 @@ class Params(_Section):
             raise ValueError(
                 f"tune.epochs ({self.tune.epochs}) is shorter than train.warmup_epochs "
                 f"({self.train.warmup_epochs:g}): trials would never leave warm-up"
+            )
+        return self
+
+    @property
+    def defect_classes(self) -> list[str]:
+        """decision.defect_classes, or the data source's own when it is null: ELPV's cells rated
+        at least 50 % likely defective (as Deitsch et al. 2019 binarise them); none otherwise."""
+        if self.decision.defect_classes is not None:
+            return list(self.decision.defect_classes)
+        return list(ELPV_DEFECT_CLASSES) if self.data.source_spec.kind == "elpv" else []
+
+    @model_validator(mode="after")
+    def _defects_declared(self) -> Params:
+        declared = self.data.classes
+        missing = [c for c in self.defect_classes if declared and c not in declared]
+        if missing:
+            raise ValueError(
+                f"decision.defect_classes names {', '.join(repr(c) for c in missing)}, not in data.classes "
+                f"({', '.join(declared)}): fix decision.defect_classes"
+            )
+        if declared and set(self.defect_classes) >= set(declared):
+            raise ValueError(
+                "decision.defect_classes lists every class of data.classes: nothing would be accepted"
             )
         return self
 

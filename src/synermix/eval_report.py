@@ -150,8 +150,10 @@ def render_markdown(
     max_listed_errors: int,
     calibration_bins: int,
     temperature: Mapping[str, Any] | None = None,
+    decision: Any = None,
 ) -> str:
-    """reports/evaluation.md: verdict, gates, champion, metrics, per class, confusion, formulas."""
+    """reports/evaluation.md: verdict, the line's rates, gates, champion, metrics, per class,
+    confusion, formulas."""
     failed = [g.gate for g in gates if g.passed is False]
     if passed:
         head = "PASSED: every gate is met"
@@ -169,6 +171,7 @@ def render_markdown(
         f"Scored on the **test split**: {test['images']} images of {len(class_names)} classes, "
         "never seen by training or tuning.",
         "",
+        *decision_lines(decision),
         "## Gates",
         "",
         *_gate_rows(gates),
@@ -274,6 +277,66 @@ def render_markdown(
         lines.append("None.")
     lines += ["", "## How the numbers are computed", "", *(f.format(bins=calibration_bins) for f in FORMULAS)]
     return "\n".join(lines) + "\n"
+
+
+def _rate_cell(r: Mapping[str, Any]) -> str:
+    if not r.get("of"):
+        return "n/a"
+    return f"{_num(r['rate'])} ({r['count']}/{r['of']}; {_num(r['ci95_low'])}-{_num(r['ci95_high'])})"
+
+
+def decision_lines(line: Any) -> list[str]:
+    """The line's rates at the operating point fitted on val: what reports/evaluation.md opens with."""
+    if line is None:
+        return []
+    lines = ["## On the line (test split)", ""]
+    point = line.point
+    unknown = line.unknown or {}
+    if point is None:
+        lines += [f"{line.note}.", ""]
+    else:
+        fit = point.fit
+        how = (
+            "fixed by decision.review_band"
+            if fit.get("fixed")
+            else f"fitted on {fit.get('images')} val images (val escape {_num(fit.get('escape_rate'))}, "
+            f"overkill {_num(fit.get('overkill_rate'))}, review {_num(fit.get('review_rate'))})"
+        )
+        lines += [
+            f"Defect classes: {', '.join(point.defect_classes)}. With P(defect) their summed calibrated "
+            f"probability: **accept** below {point.accept_below:.4f}, "
+            f"**review** up to {point.reject_from:.4f}, "
+            f"**reject** from there; {how}.",
+            "",
+            "| rate | on test (count; 95 % interval) | what it is |",
+            "|---|---|---|",
+            f"| escape | {_rate_cell(line.test['escape'])} | defective parts accepted as good |",
+            f"| overkill | {_rate_cell(line.test['overkill'])} | good parts rejected |",
+            f"| review | {_rate_cell(line.test['review'])} | parts sent to a person |",
+            f"| unknown | {_rate_cell(line.test['unknown'])} | parts far from every class (real parts here: "
+            "false rejects) |",
+            "",
+            "| class | part | images | escape / overkill (95 % interval) | review | unknown |",
+            "|---|---|---:|---|---:|---:|",
+        ]
+        for name, row in line.test["per_class"].items():
+            kind = "defect" if row["defect"] else "good"
+            lines.append(
+                f"| {name} | {kind} | {row['images']} | {row['error_kind']} {_rate_cell(row['error'])} | "
+                f"{_num(row['review']['rate'])} | {_num(row['unknown']['rate'])} |"
+            )
+        lines.append("")
+    if unknown.get("threshold") is not None:
+        lines += [
+            f"Unknown parts: Mahalanobis distance of the penultimate features to the nearest class "
+            f"(centroids and shared covariance of {unknown['fitted_on_train_images']} training images); "
+            f"above {unknown['threshold']:.4g} an image is `unknown` "
+            f"(fitted at {_num(unknown['false_reject_target'])} "
+            f"false rejects on {unknown['threshold_fitted_on_val_images']} val images; test false rejects "
+            f"{_num(unknown['test_false_reject_rate'])}).",
+            "",
+        ]
+    return lines
 
 
 def calibration_lines(cal: Mapping[str, Any]) -> list[str]:

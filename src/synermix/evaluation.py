@@ -134,11 +134,17 @@ def split_report(scores: Scores, class_names: Sequence[str], calibration_bins: i
     }
 
 
-def predictions_table(scores: Scores, class_names: Sequence[str]) -> pd.DataFrame:
-    """One row per image: path, actual, predicted, confidence, correct (the confusion plot's data)."""
+def predictions_table(
+    scores: Scores,
+    class_names: Sequence[str],
+    decisions: Sequence[str] | None = None,
+    distances: np.ndarray | None = None,
+) -> pd.DataFrame:
+    """One row per image: path, actual, predicted, confidence, correct (the confusion plot's
+    data), and the line decision and feature distance when there are."""
     probs = scores.probabilities
     pred = scores.predictions
-    return pd.DataFrame(
+    table = pd.DataFrame(
         {
             "path": scores.paths,
             "actual": [class_names[i] for i in scores.labels],
@@ -147,6 +153,11 @@ def predictions_table(scores: Scores, class_names: Sequence[str]) -> pd.DataFram
             "correct": scores.correct,
         }
     )
+    if decisions is not None and any(decisions):
+        table["decision"] = list(decisions)
+    if distances is not None:
+        table["distance"] = np.asarray(distances, dtype=np.float64)
+    return table
 
 
 def scalars_only(report: dict[str, Any]) -> dict[str, Any]:

@@ -30,7 +30,12 @@ THRESHOLD_GATES = (
         "mean per-class feature variance / total variance",
     ),
     ("max_ece", "ece", "<=", "expected calibration error of the (calibrated) test probabilities"),
+    ("max_escape_rate", "escape_rate", "<=", "share of defective parts accepted as good (escapes)"),
+    ("max_overkill_rate", "overkill_rate", "<=", "share of good parts rejected (overkill)"),
+    ("max_review_rate", "review_rate", "<=", "share of parts sent to a person (review band)"),
 )
+#: gates on the line decision: skipped (not failed) when no operating point was fitted
+DECISION_METRICS = ("escape_rate", "overkill_rate", "review_rate")
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,10 @@ def threshold_gates(
             note = "not measurable on this split"
         if threshold is None:
             results.append(GateResult(key, metric, rule, None, observed, None, about, "off (null in params)"))
+            continue
+        if metric in DECISION_METRICS and metric not in metrics:
+            note = "no operating point: no defect classes declared (decision.defect_classes)"
+            results.append(GateResult(key, metric, rule, threshold, None, None, about, note))
             continue
         results.append(
             GateResult(
@@ -261,6 +270,33 @@ def production_checks(
             continue
         observed = model_tags.pilot_number(tags, metric)
         results.append(at_least(f"pilot_{gate}", metric, threshold, observed, about=f"pilot-line {metric}"))
+    for gate, metric in (
+        ("max_escape_rate", "escape_rate"),
+        ("max_overkill_rate", "overkill_rate"),
+        ("max_review_rate", "review_rate"),
+    ):
+        threshold = getattr(gates, gate)
+        if threshold is None:
+            continue
+        observed = model_tags.pilot_number(tags, metric)
+        # a model without an operating point (no defect classes declared) makes no such
+        # decision: skipped, as the release gate is; evidence that lacks the rate fails
+        no_point = tags.get(model_tags.pilot("decision_note"))
+        note = ""
+        if observed is None:
+            note = no_point or "not measured on the pilot images: rerun synermix pilot-eval"
+        results.append(
+            GateResult(
+                gate=f"pilot_{gate}",
+                metric=metric,
+                rule="<=",
+                threshold=threshold,
+                observed=observed,
+                passed=None if observed is None and no_point else _compare(observed, "<=", threshold),
+                about=f"pilot-line {metric.replace('_', ' ')} at the version's operating point",
+                note=note,
+            )
+        )
     if not current_production or current_production == str(version):
         note = "this version holds production already" if current_production else "no production version yet"
         results.append(

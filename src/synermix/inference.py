@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from synermix import decision as dc
 from synermix.choices import MAX_PIXELS, PROVIDERS
 from synermix.data.images import IMAGE_EXTENSIONS, Reserve, fit_square, inspect_image, resize_shorter_side
 from synermix.preprocessing import RESIZE_POLICY, Preprocessing
@@ -58,6 +59,9 @@ class ModelInfo:
     preprocessing: Preprocessing
     prepare_image_size: int | None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: the line's decision stored with the model (None: class labels only / no unknown check)
+    operating_point: dc.OperatingPoint | None = None
+    unknown_above: float | None = None
 
     # the contract's fields, read through (bundle, serve and the tests use them)
     image_size = property(lambda self: self.preprocessing.image_size)
@@ -91,6 +95,12 @@ class ModelInfo:
             if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
                 raise ValueError(f"prepare_image_size {size!r} is not a size in pixels")
             preprocessing = Preprocessing.from_dict(data["preprocessing"])
+            decision = data.get("decision") or {}
+            if not isinstance(decision, dict):
+                raise ValueError("decision is not a JSON object")
+            point = decision.get("operating_point")
+            point = None if point is None else dc.OperatingPoint.from_dict(point, names)
+            unknown_above = dc.check_unknown_above(decision.get("unknown_above"))
         except (KeyError, TypeError, ValueError) as exc:
             what = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
             raise ValueError(f"the model's '{METADATA_KEY}' metadata is malformed: {what}") from None
@@ -99,6 +109,8 @@ class ModelInfo:
             preprocessing=preprocessing,
             prepare_image_size=size,
             extra={k: v for k, v in data.items() if k not in ("class_names", "preprocessing")},
+            operating_point=point,
+            unknown_above=unknown_above,
         )
 
 
@@ -189,7 +201,8 @@ def make_session(
 
 @dataclass(frozen=True)
 class Prediction:
-    """One image's result: ``status`` ok | abstain | error."""
+    """One image's result: ``status`` ok | abstain | error; ``decision`` accept | reject |
+    review | unknown (the model's stored operating point; "" when it has none)."""
 
     path: str
     status: str
@@ -197,13 +210,18 @@ class Prediction:
     confidence: float = math.nan
     scores: dict[str, float] = field(default_factory=dict)
     error: str = ""
+    decision: str = ""
+    #: feature distance to the nearest class (nan: the model has no distance output)
+    distance: float = math.nan
 
     def to_row(self, class_names: Sequence[str]) -> dict[str, Any]:
         row: dict[str, Any] = {
             "path": self.path,
             "status": self.status,
+            "decision": self.decision,
             "class": self.label,
             "confidence": None if math.isnan(self.confidence) else round(self.confidence, 6),
+            "distance": None if math.isnan(self.distance) else round(self.distance, 6),
         }
         for name in class_names:
             value = self.scores.get(name)
@@ -231,6 +249,13 @@ class Classifier:
         self.preprocess = Preprocessor(self.info, max_pixels)
         self.input_name = self.session.get_inputs()[0].name
         self.input_type = self.session.get_inputs()[0].type  # tensor(float) or tensor(float16)
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.output_names = [outputs[0]] + (["distance"] if "distance" in outputs[1:] else [])
+        if self.info.unknown_above is not None and len(self.output_names) < 2:
+            raise ValueError(
+                f"{self.path.name}: its metadata sets an unknown-part threshold but the graph has no "
+                "'distance' output: export it again (dvc repro)"
+            )
         self.smoke_test()
 
     def smoke_test(self) -> None:
@@ -240,7 +265,7 @@ class Classifier:
         info = self.info
         x = np.zeros((1, info.channels, info.image_size, info.image_size), dtype=np.float32)
         try:
-            out = self.logits(x)
+            out, distance = self.outputs(x)
         except Exception as exc:  # onnxruntime raises its own exception types
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ValueError(
@@ -253,29 +278,66 @@ class Classifier:
                 f"{bool(np.isfinite(out).all())}) for one image, not one finite score for each of its "
                 f"{len(info.class_names)} classes"
             )
+        if distance is not None and distance.shape != (1,):
+            raise ValueError(
+                f"{self.path.name}: its distance output has shape {list(distance.shape)} "
+                "for one image, not [1]"
+            )
 
     @property
     def class_names(self) -> list[str]:
         return self.info.class_names
 
-    def logits(self, batch: np.ndarray) -> np.ndarray:
-        """Raw model outputs for a float32 ``N x C x H x W`` batch."""
+    def outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(logits ``N x K``, distance ``N`` or None) for a float32 ``N x C x H x W`` batch."""
         if self.input_type == "tensor(float16)":
             batch = batch.astype(np.float16)
-        return np.asarray(self.session.run(None, {self.input_name: batch})[0], dtype=np.float64)
+        out = self.session.run(self.output_names, {self.input_name: batch})
+        logits = np.asarray(out[0], dtype=np.float64)
+        return logits, (np.asarray(out[1], dtype=np.float64) if len(out) > 1 else None)
 
-    def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        z = self.logits(batch)
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """Model outputs (calibrated logits) for a float32 ``N x C x H x W`` batch."""
+        return self.outputs(batch)[0]
+
+    @staticmethod
+    def softmax(z: np.ndarray) -> np.ndarray:
         z = z - z.max(axis=1, keepdims=True)
         e = np.exp(z)
         return e / e.sum(axis=1, keepdims=True)
 
-    def result(self, name: str, probabilities: np.ndarray, abstain_below: float = 0.0) -> Prediction:
-        """One image's :class:`Prediction` from its class probabilities."""
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        return self.softmax(self.logits(batch))
+
+    def decisions(self, probabilities: np.ndarray, distances: np.ndarray | None) -> list[str]:
+        """The stored decision per image (:func:`synermix.decision.decide`)."""
+        return dc.decide(self.info.operating_point, self.info.unknown_above, probabilities, distances)
+
+    def result(
+        self,
+        name: str,
+        probabilities: np.ndarray,
+        abstain_below: float = 0.0,
+        distance: float = math.nan,
+        decision: str | None = None,
+    ) -> Prediction:
+        """One image's :class:`Prediction` from its class probabilities (and distance)."""
         top = int(probabilities.argmax())
         status = "abstain" if probabilities[top] < abstain_below else "ok"
         scores = {c: float(v) for c, v in zip(self.class_names, probabilities, strict=True)}
-        return Prediction(name, status, self.class_names[top], float(probabilities[top]), scores)
+        if decision is None:
+            d = None if math.isnan(distance) else np.array([distance])
+            decision = self.decisions(probabilities[None, :], d)[0]
+        return Prediction(
+            name,
+            status,
+            self.class_names[top],
+            float(probabilities[top]),
+            scores,
+            "",
+            decision,
+            float(distance),
+        )
 
     def predict(
         self, items: Iterable[tuple[str, bytes | str]], batch_size: int = 32, abstain_below: float = 0.0
@@ -292,9 +354,12 @@ class Classifier:
         def flush() -> None:
             if not pending:
                 return
-            probs = self.probabilities(np.stack([x for _, _, x in pending]))
-            for (slot, name, _), p in zip(pending, probs, strict=True):
-                results[slot] = self.result(name, p, abstain_below)
+            logits, distances = self.outputs(np.stack([x for _, _, x in pending]))
+            probs = self.softmax(logits)
+            decisions = self.decisions(probs, distances)
+            for i, ((slot, name, _), p) in enumerate(zip(pending, probs, strict=True)):
+                distance = math.nan if distances is None else float(distances[i])
+                results[slot] = self.result(name, p, abstain_below, distance, decisions[i])
             pending.clear()
 
         for name, data in items:

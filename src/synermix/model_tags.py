@@ -28,7 +28,10 @@ HELD_PREFIX = "held."
 DVC_LOCK_PREFIX = "dvc_lock."
 
 #: the test / val metrics a version carries as ``metric.*`` tags
-HEADLINE = ("accuracy", "macro_recall", "macro_f1", "recall_min", "intra_class_variance", "ece")
+HEADLINE = (
+    *("accuracy", "macro_recall", "macro_f1", "recall_min", "intra_class_variance", "ece"),
+    *("escape_rate", "overkill_rate", "review_rate", "unknown_rate"),
+)
 
 #: what ``pilot-eval`` records on the version (``pilot_eval.<key>``)
 PILOT_KEYS = (
@@ -42,6 +45,11 @@ PILOT_KEYS = (
     "macro_recall",
     "macro_f1",
     "recall_min",
+    "escape_rate",
+    "overkill_rate",
+    "review_rate",
+    "unknown_rate",
+    "decision_note",
     "images_sha256",
     "production_version",
     "production_accuracy",

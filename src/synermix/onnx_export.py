@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
+#: second output when the model carries the unknown-part fit: feature distance to the nearest class
+DISTANCE_NAME = "distance"
 
 
 def model_metadata(meta: dict[str, Any], exporter: str, opset: int, **extra: Any) -> dict[str, str]:
@@ -56,6 +58,12 @@ def model_metadata(meta: dict[str, Any], exporter: str, opset: int, **extra: Any
         description["output"] = (
             f"{OUTPUT_NAME}: N x {len(meta['class_names'])} logits divided by the temperature "
             f"{temperature:.6g} (softmax gives calibrated class probabilities)"
+        )
+    decision = extra.get("decision") or {}
+    if decision.get("unknown_above") is not None:
+        description["output"] += (
+            f"; {DISTANCE_NAME}: N Mahalanobis distances of the penultimate features to the nearest class "
+            f"(above {decision['unknown_above']:.6g}: an unknown part)"
         )
     return {
         METADATA_KEY: json.dumps(description, sort_keys=True),
@@ -105,6 +113,29 @@ class TemperatureScaled(torch.nn.Module):
         return self.net(x) * self.inverse_temperature
 
 
+class WithDistance(torch.nn.Module):
+    """``(net.classifier(f) / T, distance(f))`` with ``f`` the penultimate features: the
+    calibrated logits and the unknown-part distance (:mod:`synermix.novelty`) from one pass."""
+
+    def __init__(self, net: torch.nn.Module, temperature: float, distance: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.distance = distance
+        self.register_buffer("inverse_temperature", torch.tensor(1.0 / float(temperature)))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.net.features(x)
+        return self.net.classifier(f) * self.inverse_temperature, self.distance(f)
+
+
+def model_outputs(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(logits, distance or None) of a model that returns logits or both."""
+    out = model(x)
+    if isinstance(out, tuple):
+        return out[0], out[1]
+    return out, None
+
+
 def export_onnx(
     model: torch.nn.Module,
     channels: int,
@@ -114,9 +145,12 @@ def export_onnx(
     opset: int,
     metadata: dict[str, str],
 ) -> onnx.ModelProto:
-    """Write ``model`` to ``path`` as one ONNX file with a dynamic batch axis; check it."""
+    """Write ``model`` to ``path`` as one ONNX file with a dynamic batch axis; check it.
+    A model that returns (logits, distance) gets the two outputs ``logits`` and ``distance``."""
     model = model.cpu().eval()
     example = torch.zeros(2, channels, image_size, image_size)
+    with torch.no_grad():
+        outputs = [OUTPUT_NAME, DISTANCE_NAME] if isinstance(model(example), tuple) else [OUTPUT_NAME]
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "model.onnx"
@@ -130,7 +164,7 @@ def export_onnx(
                 external_data=False,
                 dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=65536)}},
                 input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
+                output_names=outputs,
                 verbose=False,
             )
         elif exporter == "torchscript":
@@ -143,8 +177,8 @@ def export_onnx(
                     dynamo=False,
                     opset_version=opset,
                     input_names=[INPUT_NAME],
-                    output_names=[OUTPUT_NAME],
-                    dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                    output_names=outputs,
+                    dynamic_axes={INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
                 )
         else:
             raise ValueError(f"unknown exporter {exporter!r}")
@@ -166,23 +200,28 @@ class Parity:
     mean_abs_diff: float
     top1_agreement: float
     preprocessing_max_abs_diff: float
+    #: the unknown-part distance: largest |difference| / max(1, distance); None without one
+    distance_max_rel_diff: float | None = None
 
     def passed(self, tolerance: float) -> bool:
-        """Logits within ``tolerance``, every top-1 equal, and the production input within
-        ``tolerance`` of training's (a preprocessing drift fails too)."""
+        """Logits within ``tolerance``, every top-1 equal, the distance within ``tolerance``
+        (relative), and the production input within ``tolerance`` of training's (a
+        preprocessing drift fails too)."""
         return (
             self.max_abs_diff <= tolerance
             and self.top1_agreement == 1.0
             and self.preprocessing_max_abs_diff <= tolerance
+            and (self.distance_max_rel_diff is None or self.distance_max_rel_diff <= tolerance)
         )
 
-    def to_dict(self) -> dict[str, float]:
+    def to_dict(self) -> dict[str, float | None]:
         return {
             "images": self.images,
             "max_abs_diff": self.max_abs_diff,
             "mean_abs_diff": self.mean_abs_diff,
             "top1_agreement": self.top1_agreement,
             "preprocessing_max_abs_diff": self.preprocessing_max_abs_diff,
+            "distance_max_rel_diff": self.distance_max_rel_diff,
         }
 
 
@@ -206,20 +245,28 @@ def check_parity(
     pre_diff = float(
         max((np.abs(inputs[i] - t.numpy()).max() for i, t in enumerate(training_view)), default=0.0)
     )
-    diffs, agree = [], 0
+    diffs, agree, distance_diffs = [], 0, []
     for start in range(0, len(inputs), batch_size):
         batch = inputs[start : start + batch_size]
-        expected = model(torch.from_numpy(batch)).double().numpy()
-        got = classifier.logits(batch)
+        expected, expected_distance = model_outputs(model, torch.from_numpy(batch))
+        expected = expected.double().numpy()
+        got, got_distance = classifier.outputs(batch)
         diffs.append(np.abs(got - expected))
         agree += int((got.argmax(1) == expected.argmax(1)).sum())
+        if (expected_distance is None) != (got_distance is None):
+            raise ValueError("the ONNX model and the PyTorch model disagree on having a distance output")
+        if expected_distance is not None:
+            ref = expected_distance.double().numpy()
+            distance_diffs.append(np.abs(got_distance - ref) / np.maximum(1.0, np.abs(ref)))
     diff = np.concatenate(diffs) if diffs else np.zeros((0, 1))
+    rel = np.concatenate(distance_diffs) if distance_diffs else None
     return Parity(
         images=len(inputs),
         max_abs_diff=float(diff.max()) if diff.size else 0.0,
         mean_abs_diff=float(diff.mean()) if diff.size else 0.0,
         top1_agreement=agree / max(len(inputs), 1),
         preprocessing_max_abs_diff=pre_diff,
+        distance_max_rel_diff=None if rel is None else (float(rel.max()) if rel.size else 0.0),
     )
 
 

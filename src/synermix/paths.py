@@ -55,6 +55,10 @@ EVAL_METRICS = Path("reports/evaluation.json")
 EVAL_REPORT = Path("reports/evaluation.md")
 EVAL_DIR = Path("reports/evaluation")
 EVAL_DETAILS = EVAL_DIR / "details.json"
+#: the line's decision fitted by evaluate: operating point, unknown-part threshold, novelty fit
+DECISION_DIR = Path("models/decision")
+DECISION_JSON = DECISION_DIR / "decision.json"
+NOVELTY_NPZ = DECISION_DIR / "novelty.npz"
 EVAL_TABLES = {
     "predictions": EVAL_DIR / "predictions.csv",
     "per_class": EVAL_DIR / "per_class.csv",
@@ -84,7 +88,14 @@ STAGE_OUTPUTS: dict[str, tuple[Path, ...]] = {
     "validate": (QUARANTINE_CSV, VALIDATION_MD, VALIDATION_JSON),
     "tune": (BEST_PARAMS, TUNE_STATE_DIR, TUNE_REPORT, *TUNE_TABLES.values(), TUNE_METRICS),
     "train": (MODEL_DIR, TRAIN_CHECKPOINT_DIR, TRAIN_HISTORY, TRAIN_METRICS),
-    "evaluate": (EVAL_REPORT, EVAL_DETAILS, EVAL_METRICS, *EVAL_TABLES.values(), *EVAL_FIGURES.values()),
+    "evaluate": (
+        DECISION_DIR,
+        EVAL_REPORT,
+        EVAL_DETAILS,
+        EVAL_METRICS,
+        *EVAL_TABLES.values(),
+        *EVAL_FIGURES.values(),
+    ),
     "export": (EXPORT_DIR, EXPORT_METRICS),
     "register": (REGISTER_REPORT,),
 }

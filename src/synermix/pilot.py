@@ -21,6 +21,7 @@ import pandas as pd
 from synermix import evidence, model_tags, registry
 from synermix.config import Params
 from synermix.data.images import IMAGE_EXTENSIONS
+from synermix.decision import decision_rates, rate_metrics
 from synermix.errors import UserError
 from synermix.inference import DEFAULT_MAX_PIXELS, Classifier, image_files, read_files
 from synermix.metrics import classification_scores, confusion_matrix, mcnemar_exact
@@ -60,6 +61,25 @@ def _scores_of(results, labels: list[str], class_names: list[str]) -> tuple[dict
     return scores, y_true == y_pred
 
 
+def _decision_rates(classifier: Classifier, results, labels: list[str]) -> dict[str, Any]:
+    """The line's rates at the operating point stored in the model (what serve applies):
+    escape, overkill, review, unknown; a note when the model has none."""
+    point = classifier.info.operating_point
+    ok = [i for i, r in enumerate(results) if r.status != "error"]
+    out: dict[str, Any] = {}
+    if point is None:
+        out["decision_note"] = "the model has no operating point: no escape / overkill / review rates"
+    else:
+        y = np.asarray([classifier.class_names.index(labels[i]) for i in ok], dtype=np.int64)
+        rates = decision_rates(point, [results[i].decision for i in ok], y)
+        out |= {k: v for k, v in rate_metrics(rates).items() if not k.endswith("ci95_high")}
+        out["decisions"] = {
+            kind: {k: rates[kind][k] for k in ("rate", "count", "of", "ci95_low", "ci95_high")}
+            for kind in ("escape", "overkill", "review", "unknown")
+        }
+    return out
+
+
 def pilot_eval(
     params: Params,
     images: Path,
@@ -95,6 +115,7 @@ def pilot_eval(
                 f"{images}: none of the {len(results)} image(s) could be scored ({errors[0].error})"
             )
         scores, correct = _scores_of(results, labels, class_names)
+        decided = _decision_rates(classifier, results, labels)
         summary: dict[str, Any] = {
             "model_name": name,
             "version": str(version),
@@ -104,6 +125,7 @@ def pilot_eval(
             "provider": classifier.provider,
             **{k: scores[k] for k in ("accuracy", "macro_recall", "macro_f1", "recall_min")},
             "per_class_recall": dict(zip(class_names, scores["per_class"]["recall"], strict=True)),
+            **decided,
             "images_sha256": _evidence_hash(files),
             "production_version": "",
         }
@@ -146,6 +168,15 @@ def format_pilot(summary: Mapping[str, Any]) -> str:
         "  " + ", ".join(f"{k} {summary[k]:.4f}" for k in ("accuracy", "macro_recall", "recall_min")),
         "  recall per class: " + ", ".join(f"{c} {r:.4f}" for c, r in summary["per_class_recall"].items()),
     ]
+    if summary.get("decisions"):
+        lines.append(
+            "  at its operating point: "
+            + ", ".join(
+                f"{kind} {r['rate']:.4f} ({r['count']}/{r['of']})" for kind, r in summary["decisions"].items()
+            )
+        )
+    elif summary.get("decision_note"):
+        lines.append(f"  {summary['decision_note']}")
     if summary.get("production_accuracy") is not None:
         lines.append(
             f"  production (version {summary['production_version']}) on the same images: "

@@ -35,6 +35,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import queue
 import re
 import tempfile
@@ -224,13 +225,15 @@ class MicroBatcher:
 
     def _answer(self, batch: list) -> None:
         try:
-            probabilities = self.classifier.probabilities(np.stack([x for x, _ in batch]))
+            logits, distances = self.classifier.outputs(np.stack([x for x, _ in batch]))
+            probabilities = self.classifier.softmax(logits)
         except Exception as exc:  # a failed run fails its requests, not the thread
             for _, future in batch:
                 future.set_exception(exc)
             return
-        for (_, future), p in zip(batch, probabilities, strict=True):
-            future.set_result(p)
+        for i, ((_, future), p) in enumerate(zip(batch, probabilities, strict=True)):
+            # (calibrated probabilities, feature distance or nan)
+            future.set_result((p, math.nan if distances is None else float(distances[i])))
         if self.on_batch:
             self.on_batch(len(batch))
 
@@ -252,6 +255,17 @@ class LoadedModel:
         self.batcher.close()
         if self.tmp is not None:
             self.tmp.cleanup()
+
+
+def decision_about(classifier: Classifier) -> dict[str, Any]:
+    """The operating point and unknown-part threshold the model applies (for /v1/model)."""
+    point = classifier.info.operating_point
+    return {
+        "defect_classes": [] if point is None else point.defect_classes,
+        "accept_below": None if point is None else point.accept_below,
+        "reject_from": None if point is None else point.reject_from,
+        "unknown_above": classifier.info.unknown_above,
+    }
 
 
 def load_model(
@@ -285,6 +299,7 @@ def load_model(
         },
         "training_run_id": extra.get("training_run_id", ""),
         "weights_sha256": extra.get("weights_sha256", ""),
+        "decision": decision_about(classifier),
         "loaded_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         **registry_about(spec, before),
     }
@@ -419,6 +434,12 @@ class Metrics:
         )
         self.predictions = Counter("synermix_predictions", "Images classified", ["role", "class"], registry=r)
         self.abstentions = Counter("synermix_abstentions", "Images below the abstain threshold", registry=r)
+        self.decisions = Counter(
+            "synermix_decisions",
+            "Line decisions (accept | reject | review | unknown; none: the model has no operating point)",
+            ["role", "decision", "class"],
+            registry=r,
+        )
         self.bad_images = Counter("synermix_bad_images", "Images that could not be scored", registry=r)
         self.batch_size = Histogram(
             "synermix_batch_size", "Images per inference batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
@@ -513,7 +534,7 @@ class Service:
                 self.metrics.bad_images.inc()
                 raise BadImage(f"not a readable image ({type(exc).__name__}: {exc})") from None
             try:
-                probabilities = await asyncio.wrap_future(model.batcher.submit(x))
+                probabilities, distance = await asyncio.wrap_future(model.batcher.submit(x))
             except Exception as exc:  # the model, not the image: not ready until a run succeeds
                 reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 if model is self.primary.current:
@@ -522,10 +543,11 @@ class Service:
                 raise Busy(f"the model failed at inference ({reason})") from None
             if self.primary.failing and model is self.primary.current:
                 self.primary.failing = ""
-            result = model.classifier.result(name, probabilities, self.settings.abstain)
+            result = model.classifier.result(name, probabilities, self.settings.abstain, distance)
             about = model.about
             row = result.to_row(model.classifier.class_names)
         self.metrics.predictions.labels("primary", result.label).inc()
+        self.metrics.decisions.labels("primary", result.decision or "none", result.label).inc()
         if result.status == "abstain":
             self.metrics.abstentions.inc()
         if self.shadow is not None and self.shadow.current is not None:
@@ -555,8 +577,8 @@ class Service:
                 )
                 # a pilot may take another input size: then it decodes the bytes its own way
                 x = x if same_input else model.classifier.preprocess(data)
-                p = model.batcher.submit(x).result(timeout=60)
-                shadow = model.classifier.result(name, p, self.settings.abstain)
+                p, distance = model.batcher.submit(x).result(timeout=60)
+                shadow = model.classifier.result(name, p, self.settings.abstain, distance)
                 shadow_about = model.about
         except Exception as exc:
             log.warning("shadow comparison failed for %s: %s", name, exc)
@@ -565,14 +587,17 @@ class Service:
         agree = shadow.label == primary.label
         self.metrics.shadow.labels(str(agree).lower()).inc()
         self.metrics.predictions.labels("shadow", shadow.label).inc()
+        self.metrics.decisions.labels("shadow", shadow.decision or "none", shadow.label).inc()
         self.shadow_log.write(
             {
                 "at": datetime.now(UTC).isoformat(timespec="milliseconds"),
                 "image": name,
                 "agree": agree,
                 "primary": {"class": primary.label, "confidence": round(primary.confidence, 6),
+                            "decision": primary.decision,
                             "version": about.get("version", ""), "sha256": about["sha256"][:12]},
                 "shadow": {"class": shadow.label, "confidence": round(shadow.confidence, 6),
+                           "decision": shadow.decision,
                            "version": shadow_about.get("version", ""), "sha256": shadow_about["sha256"][:12]},
             }
         )  # fmt: skip

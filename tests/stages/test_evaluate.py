@@ -28,6 +28,9 @@ LAX = {  # gates every model passes, so a test can switch on the one it checks
     "max_recall_spread": None,
     "max_intra_class_variance": None,
     "max_ece": None,
+    "max_escape_rate": None,
+    "max_overkill_rate": None,
+    "max_review_rate": None,
     "beat_majority": False,
 }
 
@@ -37,8 +40,9 @@ def trained(tmp_path, train_project, make_params):
     """A prepared dataset (crack 40, ok 20, scratch 20 images) and a model trained on it."""
     raw = train_project({"crack": 40, "ok": 20, "scratch": 20}, "evaluate-test")
 
-    def with_gates(**gates):
-        return make_params(**raw, gates={**LAX, **gates})
+    def with_gates(decision=None, **gates):
+        extra = {"decision": decision} if decision is not None else {}
+        return make_params(**raw, gates={**LAX, **gates}, **extra)
 
     return tmp_path, with_gates
 
@@ -325,3 +329,62 @@ def test_evaluate_fits_a_temperature_on_val_and_reports_calibrated_probabilities
     assert off["calibration"]["temperature"] == 1.0 and "calibrate: false" in off["calibration"]["note"]
     assert off["test"]["accuracy"] == summary["test"]["accuracy"]
     assert off["test"]["ece"] == pytest.approx(cal["test_ece_before"])
+
+
+DEFECTS = {"defect_classes": ["crack", "scratch"]}
+
+
+def test_the_line_decision_is_fitted_on_val_stored_reported_and_gated(trained):
+    """crack and scratch are defects: evaluate fits the operating point on val (meeting the
+    val limits), measures it on test, stores it for export, opens the report with the rates
+    and gates them; the unknown-part distance is fitted on the training images."""
+    from synermix.paths import DECISION_JSON, NOVELTY_NPZ
+
+    root, with_gates = trained
+    decision = {**DEFECTS, "max_escape_rate": 0.0, "max_review_rate": None}
+    gated = with_gates(decision=decision, max_escape_rate=1.0, max_review_rate=0.0, enforce=False)
+    summary = run_evaluate(gated, root)
+    line = summary["decision"]
+    point = line["operating_point"]
+    assert point["defect_classes"] == ["crack", "scratch"]
+    assert point["fit"]["escape_rate"] == 0.0 and point["fit"]["images"] == 12  # the val split
+    assert 0.0 <= point["accept_below"] <= point["reject_from"]
+    test = summary["test"]
+    assert test["escape_rate"] == line["test"]["escape"]["rate"]
+    assert line["test"]["escape"]["of"] == 9  # 6 crack + 3 scratch test images
+    assert line["unknown"]["fitted_on_train_images"] == 56 and line["unknown"]["threshold"] > 0
+    gates = summary["gates"]
+    assert (
+        gates["max_escape_rate"]["status"] == "pass"
+        and gates["max_escape_rate"]["observed"] == test["escape_rate"]
+    )
+    # the review gate judges the test rate: at 0 it fails unless nothing went to review
+    assert gates["max_review_rate"]["status"] == ("pass" if test["review_rate"] == 0 else "FAIL")
+    assert summary["passed"] is (test["review_rate"] == 0)
+
+    stored = json.loads((root / DECISION_JSON).read_text())
+    assert stored["operating_point"] == point and stored["unknown_above"] == line["unknown"]["threshold"]
+    assert (root / NOVELTY_NPZ).is_file()
+    predictions = pd.read_csv(root / EVAL_DIR / "predictions.csv", keep_default_na=False)
+    assert set(predictions["decision"]) <= {"accept", "review", "reject", "unknown"}
+    counts = predictions["decision"].value_counts()
+    assert counts.get("review", 0) == line["test"]["review"]["count"]
+    report = (root / EVAL_REPORT).read_text()
+    head = report.split("## Gates")[0]
+    assert "## On the line (test split)" in head and "| escape |" in head and "| crack | defect |" in head
+
+
+def test_bad_decision_settings_stop_with_one_line(trained):
+    root, with_gates = trained
+    with pytest.raises(UserError) as err:
+        run_evaluate(with_gates(decision={"defect_classes": ["dent"]}), root)
+    assert "'dent', not a class of this model" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(UserError) as err:  # no review band, no escape, no overkill: not on this model
+        run_evaluate(
+            with_gates(
+                decision={**DEFECTS, "review": False, "max_escape_rate": 0.0, "max_overkill_rate": 0.0}
+            ),
+            root,
+        )
+    message = str(err.value)
+    assert "decision limits cannot be met on the val split" in message and "\n" not in message

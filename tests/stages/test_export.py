@@ -202,3 +202,45 @@ def test_the_exported_graph_outputs_calibrated_logits(project):
         summary_path.write_text(json.dumps(evaluation))
         with pytest.raises(UserError, match=r"calibration.temperature .* is not a positive number"):
             run_export(with_export(), root)
+
+
+def test_one_decision_from_evaluate_to_onnx_predict_and_serve(tmp_path, train_project, make_params):
+    """The operating point and unknown-part distance evaluate fitted travel in the ONNX file:
+    its decisions on the test images equal evaluate's (predictions.csv), and `synermix
+    predict` and the service answer the same decision and distance for the same image."""
+    import pandas as pd
+
+    from synermix.cli import main
+    from synermix.paths import EVAL_DIR, PREPARED_DIR
+
+    from ..test_serve import serving
+
+    decision = {"defect_classes": ["crack", "scratch"], "max_escape_rate": 0.0, "max_review_rate": None}
+    raw = train_project({"crack": 20, "ok": 40, "scratch": 20}, "decision-test", gates=LAX, decision=decision)
+    evaluation = run_evaluate(make_params(**raw), tmp_path)
+    summary = run_export(make_params(**raw), tmp_path)
+    assert summary["parity"]["passed"] and summary["parity"]["distance_max_rel_diff"] <= 1e-4
+    assert summary["test_decisions"]["agreement_with_evaluate"] == 1.0
+    classifier = Classifier(tmp_path / ONNX_MODEL, provider="cpu")
+    point = evaluation["decision"]["operating_point"]
+    assert classifier.info.operating_point.to_dict() == point
+    assert classifier.info.unknown_above == evaluation["decision"]["unknown"]["threshold"]
+    assert classifier.output_names == ["logits", "distance"]
+
+    predictions = pd.read_csv(tmp_path / EVAL_DIR / "predictions.csv", keep_default_na=False)
+    files = [tmp_path / PREPARED_DIR / p for p in predictions["path"][:4]]
+    out = tmp_path / "predicted.json"
+    args = ["predict", *map(str, files), "--model", str(tmp_path / ONNX_MODEL), "--provider", "cpu"]
+    assert main([*args, "--out", str(out)]) == 0
+    by_cli = json.loads(out.read_text())["predictions"]
+    assert [r["decision"] for r in by_cli] == list(predictions["decision"][:4])
+    with serving(str(tmp_path / ONNX_MODEL), provider="cpu", poll_seconds=0) as (client, _):
+        for file, row in zip(files, by_cli, strict=True):
+            code, answer = client.predict(file.read_bytes())
+            assert code == 200, answer
+            got = answer["prediction"]
+            assert got["decision"] == row["decision"] and got["distance"] == pytest.approx(row["distance"])
+        code, info = client.request("GET", "/v1/model")
+        assert info["primary"]["decision"]["defect_classes"] == ["crack", "scratch"]
+        code, text = client.request("GET", "/metrics")
+        assert "synermix_decisions_total{class=" in text or "synermix_decisions_total{" in text

@@ -34,6 +34,7 @@ def train_val_rows(params: Params, root: Path) -> tuple[list[str], pd.DataFrame,
             ", ".join(sorted(set(undeclared["label"]))),
         )
         usable = usable[usable["label"].isin(names)]
+    _check_defect_classes(params, names)
     train_rows = usable[usable["split"] == "train"]
     val_rows = usable[usable["split"] == "val"]
     if train_rows.empty or val_rows.empty:
@@ -44,6 +45,25 @@ def train_val_rows(params: Params, root: Path) -> tuple[list[str], pd.DataFrame,
             f"no training images for class(es) {', '.join(missing)}; add images or fix data.classes"
         )
     return names, train_rows, val_rows, manifest_sha
+
+
+def _check_defect_classes(params: Params, names: list[str]) -> None:
+    """decision.defect_classes against the data's classes, before tune and train spend an hour
+    on a model whose evaluate would refuse them (evaluate checks again, against the model).
+    A check only: it changes no output, so it is not a reason for DVC to re-run these stages."""
+    wanted = params.defect_classes
+    missing = [c for c in wanted if c not in names]
+    if missing:
+        raise UserError(
+            f"decision.defect_classes names {', '.join(repr(c) for c in missing)}, not a class of the data "
+            f"(classes: {', '.join(names)}): fix decision.defect_classes (an empty list switches line "
+            "decisions off)"
+        )
+    if wanted and set(wanted) >= set(names):
+        raise UserError(
+            f"decision.defect_classes lists every class ({', '.join(names)}): at least one class must be "
+            "a good part"
+        )
 
 
 def _usable(root: Path) -> tuple[pd.DataFrame, str]:
@@ -81,6 +101,12 @@ def evaluation_rows(
             "the test split has no usable image; check data.split and rerun prepare (dvc repro)"
         )
     return val_rows, test_rows
+
+
+def known_train_rows(root: Path, class_names: list[str]) -> pd.DataFrame:
+    """The usable training rows of the classes the model knows (the unknown-part fit's images)."""
+    usable, _ = _usable(root)
+    return usable[(usable["split"] == "train") & usable["label"].isin(class_names)]
 
 
 def model_identity(root: Path) -> dict[str, object]:

@@ -21,8 +21,10 @@ from synermix.data.transforms import Preprocessing
 from synermix.errors import CheckFailed, UserError
 from synermix.evaluation import json_safe, predictions_table, scalars_only, score_model, split_report
 from synermix.gates import champion_gates, format_table, threshold_gates, verdict
+from synermix.line_decision import fit_line_decision, write_decision
 from synermix.metrics import mcnemar_exact
 from synermix.paths import (
+    DECISION_JSON,
     EVAL_DETAILS,
     EVAL_DIR,
     EVAL_METRICS,
@@ -31,7 +33,7 @@ from synermix.paths import (
     MODEL_JSON,
     PREPARED_DIR,
 )
-from synermix.stages.common import evaluation_rows, model_identity, tag_training_run
+from synermix.stages.common import evaluation_rows, known_train_rows, model_identity, tag_training_run
 from synermix.tracking import client_for, flatten, mlflow_run, tracking_uri
 from synermix.training import load_trained_model
 
@@ -169,6 +171,18 @@ def run_evaluate(params: Params, root: Path = Path(".")) -> dict:
     val = (
         split_report(raw_val.scaled(temperature), names, ev.calibration_bins) if raw_val is not None else None
     )
+    train_features = None
+    if params.decision.unknown.enabled:  # the unknown-part distance: centroids of the training images
+        raw_train = score(known_train_rows(root, names), "train")
+        train_features = (raw_train.features, raw_train.labels)
+    line = fit_line_decision(
+        params,
+        names,
+        raw_val.scaled(temperature) if raw_val is not None else None,
+        test_scores,
+        train_features,
+    )
+    test.update(line.metrics())  # escape / overkill / review rates: the gates read them here
     champion = _champion_report(
         params,
         root,
@@ -185,7 +199,7 @@ def run_evaluate(params: Params, root: Path = Path(".")) -> dict:
     passed = verdict(gates)
     enforced = params.gates.enforce
 
-    predictions = predictions_table(test_scores, names)
+    predictions = predictions_table(test_scores, names, line.test_decisions, line.test_distances)
     out_dir = root / EVAL_DIR
     tables = eval_report.write_tables(out_dir, test, predictions)
     figures = eval_report.write_figures(
@@ -198,11 +212,13 @@ def run_evaluate(params: Params, root: Path = Path(".")) -> dict:
         "test": scalars_only(test),
         "val": scalars_only(val) if val else {},
         "calibration": json_safe(calibration),
+        "decision": line.to_summary(),
         "gates": {g.gate: json_safe({k: v for k, v in g.to_dict().items() if k != "gate"}) for g in gates},
         "champion": json_safe(
             {k: champion[k] for k in ("version", "alias", "metrics", "paired") if k in champion}
         ),
     }
+    write_decision(root, line, meta["weights_sha256"])
     (root / EVAL_METRICS).parent.mkdir(parents=True, exist_ok=True)
     (root / EVAL_METRICS).write_text(json.dumps(summary, indent=2) + "\n")
     details = {
@@ -226,6 +242,7 @@ def run_evaluate(params: Params, root: Path = Path(".")) -> dict:
         max_listed_errors=ev.max_listed_errors,
         calibration_bins=ev.calibration_bins,
         temperature=calibration,
+        decision=line,
     )
     (root / EVAL_REPORT).write_text(markdown)
     table = format_table(gates)
@@ -236,7 +253,7 @@ def run_evaluate(params: Params, root: Path = Path(".")) -> dict:
             f"full report: {root / EVAL_REPORT}. Improve the model, or change the thresholds in "
             "gates: (gates.enforce: false reports without failing)"
         )
-    files = [*tables, *figures, root / EVAL_DETAILS]
+    files = [*tables, *figures, root / EVAL_DETAILS, root / DECISION_JSON]
     _log_evaluation(params, root, meta, summary, test, val, names, files, failure)
     if passed:
         log.info("evaluation passed on %d test images:\n%s\nreport: %s", test["images"], table, EVAL_REPORT)

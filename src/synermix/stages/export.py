@@ -19,8 +19,11 @@ from synermix.config import Params
 from synermix.data.transforms import Preprocessing, load_resized, normalize
 from synermix.errors import CheckFailed, UserError
 from synermix.inference import Classifier
+from synermix.line_decision import read_decision
+from synermix.novelty import novelty_module
 from synermix.paths import (
     EVAL_METRICS,
+    EVAL_TABLES,
     EXPORT_DIR,
     EXPORT_METRICS,
     MODEL_DIR,
@@ -75,9 +78,16 @@ def run_export(params: Params, root: Path = Path(".")) -> dict:
         raise UserError(f"no trained model in {MODEL_DIR}; run the train stage first (dvc repro)")
     model, meta = load_trained_model(root / MODEL_DIR)
     gates_passed, temperature = _evaluation_verdict(root)
-    if temperature != 1.0:  # the graph itself outputs logits / T: calibrated for every consumer
-        model = ox.TemperatureScaled(model, temperature)
     names = list(meta["class_names"])
+    stored = read_decision(root, names, meta["weights_sha256"])
+    if stored.novelty is not None:  # logits / T and the unknown-part distance from one pass
+        model = ox.WithDistance(model, temperature, novelty_module(stored.novelty))
+    elif temperature != 1.0:  # the graph itself outputs logits / T: calibrated for every consumer
+        model = ox.TemperatureScaled(model, temperature)
+    decision = {
+        "operating_point": None if stored.point is None else stored.point.to_dict(),
+        "unknown_above": stored.unknown_above,
+    }
     val_rows, test_rows = evaluation_rows(root, names, meta.get("manifest_sha256"))
     if val_rows.empty:
         raise CheckFailed("the val split has no usable image to check parity on; rerun prepare (dvc repro)")
@@ -87,7 +97,7 @@ def run_export(params: Params, root: Path = Path(".")) -> dict:
     if out_dir.is_dir():  # this stage's own output: stale variants must not linger
         shutil.rmtree(out_dir)
     metadata = ox.model_metadata(
-        meta, ex.exporter, ex.opset, gates_passed=gates_passed, temperature=temperature
+        meta, ex.exporter, ex.opset, gates_passed=gates_passed, temperature=temperature, decision=decision
     )
     ox.export_onnx(model, pre.channels, pre.image_size, root / ONNX_MODEL, ex.exporter, ex.opset, metadata)
     classifier = Classifier(root / ONNX_MODEL, provider="cpu")
@@ -100,6 +110,7 @@ def run_export(params: Params, root: Path = Path(".")) -> dict:
 
     test_inputs, labels = production_inputs(test_rows, image_root, classifier.preprocess, names)
     fp32_accuracy = ox.accuracy(classifier, test_inputs, labels)
+    decisions = _decision_agreement(root, classifier, test_rows, test_inputs)
     onnx_bytes = (root / ONNX_MODEL).read_bytes()
     summary: dict = {
         "exporter": ex.exporter,
@@ -110,6 +121,7 @@ def run_export(params: Params, root: Path = Path(".")) -> dict:
         "parity": {**parity.to_dict(), "tolerance": ex.parity_max_abs_diff, "passed": parity_ok},
         "test_images": len(test_rows),
         "test_accuracy": {"fp32": fp32_accuracy},
+        "test_decisions": decisions,
         "variants": {},
     }
     refused = []
@@ -125,7 +137,8 @@ def run_export(params: Params, root: Path = Path(".")) -> dict:
             f"ONNX parity failed on {parity.images} val images: max |logit difference| "
             f"{parity.max_abs_diff:.3g} (allowed {ex.parity_max_abs_diff:g}), top-1 agreement "
             f"{parity.top1_agreement:.2%}, production vs training input "
-            f"{parity.preprocessing_max_abs_diff:.3g}; "
+            f"{parity.preprocessing_max_abs_diff:.3g}, distance max relative difference "
+            f"{parity.distance_max_rel_diff if parity.distance_max_rel_diff is not None else 'n/a'}; "
             "try export.exporter: torchscript or another export.opset"
         )
     elif refused:
@@ -142,6 +155,37 @@ def run_export(params: Params, root: Path = Path(".")) -> dict:
         fp32_accuracy,
     )
     return summary
+
+
+def _decision_agreement(root: Path, classifier: Classifier, rows: pd.DataFrame, inputs: np.ndarray) -> dict:
+    """The ONNX model's decisions on the test images: counts, and the share equal to the
+    decision evaluate made for the same image (reports/evaluation/predictions.csv)."""
+    probs, distances = [], []
+    for start in range(0, len(inputs), 64):
+        logits, distance = classifier.outputs(inputs[start : start + 64])
+        probs.append(classifier.softmax(logits))
+        if distance is not None:
+            distances.append(distance)
+    p = np.concatenate(probs) if probs else np.zeros((0, len(classifier.class_names)))
+    d = np.concatenate(distances) if distances else None
+    decided = classifier.decisions(p, d)
+    counts = {k: decided.count(k) for k in sorted(set(decided)) if k}
+    out: dict = {"counts": counts}
+    table = root / EVAL_TABLES["predictions"]
+    if any(decided) and table.is_file():
+        evaluated = pd.read_csv(table, keep_default_na=False)
+        if "decision" in evaluated.columns:
+            by_path = dict(zip(evaluated["path"], evaluated["decision"], strict=True))
+            same = [by_path.get(path) == dec for path, dec in zip(rows["path"], decided, strict=True)]
+            out["agreement_with_evaluate"] = sum(same) / max(1, len(same))
+            if out["agreement_with_evaluate"] < 1.0:
+                log.warning(
+                    "the ONNX model decides %d of %d test images otherwise than evaluate did "
+                    "(at a threshold)",
+                    len(same) - sum(same),
+                    len(same),
+                )
+    return out
 
 
 def production_inputs(rows: pd.DataFrame, image_root: Path, preprocess, names: list[str]) -> tuple:
