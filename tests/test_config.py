@@ -172,3 +172,35 @@ def test_a_password_in_the_tracking_uri_is_refused_and_never_echoed(monkeypatch)
     assert "s3cret-pw" not in str(caught.value)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://ci@mlflow.example")  # a user alone is fine
     assert tracking_uri(parse_params({}).mlflow) == "https://ci@mlflow.example"
+
+
+@pytest.mark.parametrize(
+    ("decision", "words"),
+    [
+        ({"costs": [[0, 1], [1, 0]]}, "decision.costs = [[0, 1], [1, 0]]: must be 2 x 3"),
+        ({"costs": [[0, 0.2, 1], [-1, 0.2, 0]]}, "entries must be finite and not negative"),
+        ({"costs": [[0, 0.2, 1], [0, 0.2, 5]]}, "accepting a defective part must cost more"),
+        ({"review_band": [0.7, 0.2]}, "bounds cross: accept_below 0.7 is above reject_from 0.2"),
+        ({"review_band": [0.2, 1.5]}, "bounds must be probabilities"),
+        ({"max_escape_rate": 1.5}, "decision.max_escape_rate = 1.5"),
+        ({"max_review_rate": -0.1}, "decision.max_review_rate = -0.1"),
+        ({"defect_classes": ["crack", "crack"]}, "lists a class twice"),
+        ({"unknown": {"false_reject": 0}}, "decision.unknown.false_reject = 0"),
+    ],
+)
+def test_bad_decision_settings_are_one_line(decision, words):
+    message = error_of({"decision": decision})
+    assert words in message and "\n" not in message
+
+
+def test_defect_classes_must_be_declared_classes_and_null_means_the_source_s_own():
+    message = error_of({"data": {"classes": ["crack", "ok"]}, "decision": {"defect_classes": ["dent"]}})
+    assert "decision.defect_classes names 'dent', not in data.classes (crack, ok)" in message
+    message = error_of(
+        {"data": {"classes": ["crack", "ok"]}, "decision": {"defect_classes": ["crack", "ok"]}}
+    )
+    assert "lists every class" in message
+    assert parse_params({}).defect_classes == ["likely_defective", "defective"]  # ELPV's
+    assert parse_params({"data": {"source": "folder:photos"}}).defect_classes == []
+    named = parse_params({"data": {"source": "folder:photos"}, "decision": {"defect_classes": ["crack"]}})
+    assert named.defect_classes == ["crack"]

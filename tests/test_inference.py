@@ -321,6 +321,19 @@ def test_predict_names_fifos_and_dangling_links_and_never_truncates_its_output(r
             "std finite and positive",
         ),
         ("[" * 100_000 + "]" * 100_000, "not"),
+        (  # an operating point stored for other classes than the model's
+            '{"format_version": 1, "class_names": ["a", "b"], "preprocessing": '
+            '{"image_size": 8, "channels": 1, "mean": [0.5], "std": [0.2]}, "decision": '
+            '{"operating_point": {"class_names": ["x", "b"], "defect_classes": ["x"], '
+            '"accept_below": 0.2, "reject_from": 0.6}}}',
+            "stored for classes x, b, the model has a, b",
+        ),
+        (
+            '{"format_version": 1, "class_names": ["a", "b"], "preprocessing": '
+            '{"image_size": 8, "channels": 1, "mean": [0.5], "std": [0.2]}, "decision": '
+            '{"unknown_above": -3}}',
+            "unknown-part threshold -3 is not a distance",
+        ),
     ],
 )
 def test_malformed_model_metadata_is_one_line(value, words):
