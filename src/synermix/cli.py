@@ -33,8 +33,48 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+#: the packages a bug report needs the versions of (distribution names)
+REPORTED_PACKAGES = (
+    "torch",
+    "torchvision",
+    "onnxruntime-gpu",
+    "onnx",
+    "mlflow",
+    "dvc",
+    "optuna",
+    "great-expectations",
+)
+
+
+def version_text() -> str:
+    """``synermix X (package versions; Python)``, read from the installed metadata (fast: no
+    package is imported)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from synermix import __version__
+
+    parts = []
+    for name in REPORTED_PACKAGES:
+        try:
+            parts.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            parts.append(f"{name} not installed")
+    return f"synermix {__version__} ({', '.join(parts)}; Python {platform.python_version()})"
+
+
+class _Version(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and those of its packages")
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(version_text())
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="synermix", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action=_Version)
     parser.add_argument("--params", default=str(PARAMS_FILE), help="params file (default: params.yaml)")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
