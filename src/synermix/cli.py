@@ -72,13 +72,55 @@ class _Version(argparse.Action):
         parser.exit()
 
 
+def _params_in_force(params, root: Path) -> str:
+    """params.yaml as the stages will use it: train.* with the tune stage's values overlaid,
+    each marked with a comment naming the trial and the value params.yaml holds."""
+    from synermix.paths import BEST_PARAMS
+    from synermix.stages.train import apply_tuned
+
+    dumped = params.model_dump(mode="json", by_alias=True)
+    head = []
+    tuned: dict = {}
+    if params.tune.enabled:
+        merged, tuned = apply_tuned(params.train, root / BEST_PARAMS)
+        if tuned:
+            dumped["train"] = merged.model_dump(mode="json")
+            head.append(
+                f"# train.{', train.'.join(tuned['params'])} come from {BEST_PARAMS} (the tune stage: "
+                f"study {tuned['study']}, trial {tuned['best_trial']}); the rest from params.yaml"
+            )
+        else:
+            head.append(
+                f"# tune.enabled: train will use the tuned values in place of train.* once the tune "
+                f"stage has written {BEST_PARAMS} (not yet: the values below are params.yaml's)"
+            )
+    lines = yaml.safe_dump(dumped, sort_keys=False).splitlines()
+    section = ""
+    for i, text in enumerate(lines):
+        if not text.startswith(" "):
+            section = text.split(":", 1)[0]
+            continue
+        key = text.strip().split(":", 1)[0]
+        if (
+            section == "train"
+            and text.startswith("  ")
+            and not text.startswith("   ")
+            and key in tuned.get("params", {})
+        ):
+            lines[i] = f"{text}  # tuned; params.yaml: {getattr(params.train, key)}"
+    return "\n".join([*head, *lines]) + "\n"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="synermix", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action=_Version)
     parser.add_argument("--params", default=str(PARAMS_FILE), help="params file (default: params.yaml)")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("params", help="check params.yaml and print the values in force")
+    sub.add_parser(
+        "params",
+        help="check params.yaml and print the values in force (tuned train.* values overlaid and marked)",
+    )
     sub.add_parser("prepare", help="run the prepare stage (images + manifest + splits)")
     sub.add_parser("validate", help="run the validate stage (Great Expectations on the manifest)")
     tune = sub.add_parser("tune", help="run the tune stage (Optuna search of beta), or join it as a worker")
@@ -416,8 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("promote", "rollback", "pilot-eval", "status", "bundle"):
         return _rollout(args, params)
     if args.command == "params":
-        dumped = params.model_dump(mode="json", by_alias=True)
-        print(yaml.safe_dump(dumped, sort_keys=False), end="")
+        print(_params_in_force(params, Path(".")), end="")
     elif args.command == "prepare":
         from synermix.stages.prepare import run_prepare
 
