@@ -56,3 +56,84 @@ def test_params_shows_the_tuned_values_train_will_use_and_marks_them(tmp_path):
     (tmp_path / "params.yaml").write_text("tune: {enabled: false}\ntrain: {method: erm, beta: 0.3}\n")
     off = run_params(tmp_path).stdout
     assert "  beta: 0.3\n" in off and "# tuned" not in off and not off.startswith("#")  # tune off: no overlay
+
+
+def faulty_folder(root):
+    """crack 30, ok 40 + a truncated PNG + a black frame (and a text file), scratch 3: 75 images."""
+    import numpy as np
+    from PIL import Image
+
+    from .helpers import noise_image
+
+    seed = 0
+    for label, count in (("crack", 30), ("ok", 40), ("scratch", 3)):
+        (root / label).mkdir(parents=True)
+        for i in range(count):
+            seed += 1
+            noise_image(seed).save(root / label / f"{i}.png")
+    (root / "ok" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    Image.fromarray(np.full((32, 32), 2, np.uint8)).save(root / "ok" / "black.png")
+    (root / "ok" / "notes.txt").write_text("not a photo")
+    return root
+
+
+def test_check_data_says_what_validate_would_without_writing(tmp_path, monkeypatch, capsys, make_params):
+    """The verdict and each rule's status equal those of a real prepare + validate of the same
+    folder; the faulty files are named; nothing is written; exit 1 on a failing rule."""
+    import pytest
+
+    from synermix.cli import main
+    from synermix.errors import CheckFailed
+    from synermix.stages.prepare import run_prepare
+    from synermix.stages.validate import run_validate
+
+    photos = faulty_folder(tmp_path / "photos")
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    before = sorted(p for p in tmp_path.rglob("*"))
+    assert main(["check-data", str(photos)]) == 1
+    out = capsys.readouterr().out
+    assert sorted(p for p in tmp_path.rglob("*")) == before  # nothing written
+    assert "75 image(s) in 3 class(es), 1 undecodable, 1 other file(s) skipped" in out
+    assert "decodable: FAILED" in out and "ok/broken.png" in out
+    assert "exposure: FAILED" in out and "ok/black.png" in out
+    assert "min_per_class: FAILED" in out and "'scratch' 1 image(s) in train, need 10" in out
+    assert "validate would FAIL" in out
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    params = make_params(data={"source": f"folder:{photos}"})
+    run_prepare(params, project)
+    with pytest.raises(CheckFailed):
+        run_validate(params, project)
+    import json
+
+    from synermix.paths import VALIDATION_JSON
+
+    real = json.loads((project / VALIDATION_JSON).read_text())
+    for rule, result in real["rules"].items():
+        if result["status"] == "off":
+            continue
+        shown = "FAILED" if result["status"] == "failed" else result["status"]
+        assert f"  {rule}: {shown} (" in out, rule
+
+
+def test_check_data_on_a_healthy_folder_and_a_missing_one(tmp_path, monkeypatch, capsys):
+    from synermix.cli import main
+
+    from .helpers import noise_image
+
+    seed = 100
+    for label in ("crack", "ok"):
+        (tmp_path / "good" / label).mkdir(parents=True)
+        for i in range(20):
+            seed += 1
+            noise_image(seed).save(tmp_path / "good" / label / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    assert main(["check-data", "good"]) == 0
+    assert "validate would pass: 40 of 40 image(s) usable" in capsys.readouterr().out
+    import pytest
+
+    with pytest.raises(SystemExit) as stop:
+        main(["check-data", "nowhere"])
+    assert stop.value.code == 2 and "nowhere: no such folder" in capsys.readouterr().err

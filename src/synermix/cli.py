@@ -22,7 +22,7 @@ import yaml
 
 from synermix.choices import MAX_PIXELS, PROVIDERS
 from synermix.config import load_params
-from synermix.errors import exit_on_user_error
+from synermix.errors import UserError, exit_on_user_error
 from synermix.paths import ONNX_MODEL, PARAMS_FILE
 
 
@@ -229,6 +229,70 @@ def _rollout_parsers(sub) -> None:
         "verify-bundle", help="check a bundle's checksums and labels (non-zero exit when damaged)"
     )
     verify.add_argument("folder", type=Path)
+    check = sub.add_parser(
+        "check-data",
+        help="what validate would say about a <class>/<image> folder, in seconds, before a run",
+        description="Read every image of a <class>/<image> folder (nothing is written), split it as "
+        "prepare would with params.yaml's seed and data.split, and run validate's rules on it: "
+        "counts per class and split, sizes, modes, and each rule's result with the fix. Exit 0 when "
+        "validate would pass, 1 when a rule would fail it, 2 when the folder cannot be read.",
+    )
+    check.add_argument("folder", type=Path, help="the photos: one sub-folder per class")
+
+
+def _check_data(args, params) -> int:
+    """``synermix check-data <folder>``: validate's verdict on a folder without a pipeline run."""
+    from synermix.config import SourceSpec
+    from synermix.data.prepare import manifest_in_memory
+    from synermix.data.validation import validate_manifest
+
+    if not args.folder.is_dir():
+        raise UserError(f"{args.folder}: no such folder; give a folder of <class>/<image> sub-folders")
+    data = params.data
+    manifest, skipped = manifest_in_memory(
+        SourceSpec("folder", args.folder),
+        seed=params.seed,
+        split=data.split.as_dict(),
+        max_per_class=data.max_per_class,
+        max_pixels=data.max_pixels,
+    )
+    report = validate_manifest(manifest, params.validate_params, data.classes)
+    decoded = manifest[manifest["decodable"]]
+    lines = [
+        f"{args.folder}: {len(manifest)} image(s) in {manifest['label'].nunique()} class(es), "
+        f"{len(manifest) - len(decoded)} undecodable, {skipped} other file(s) skipped",
+    ]
+    if len(decoded):
+        modes = ", ".join(f"{m} {n}" for m, n in decoded["mode"].value_counts().sort_index().items())
+        lines.append(
+            f"sizes {int(decoded['width'].min())}-{int(decoded['width'].max())} x "
+            f"{int(decoded['height'].min())}-{int(decoded['height'].max())} px; modes: {modes}"
+        )
+    lines += ["", "class counts (split as prepare would, seed and data.split of params.yaml):"]
+    lines += ["  " + row for row in report.class_counts.to_string(index=False).splitlines()]
+    defects = params.decision.defect_classes or []  # null means none for a folder source
+    missing = [c for c in defects if c not in set(manifest["label"])]
+    if missing:
+        lines.append(
+            f"decision.defect_classes names {', '.join(missing)}, not a class folder here: "
+            "fix it before a run"
+        )
+    lines += ["", "rules:"]
+    for r in report.results:
+        if r.status == "off":
+            continue
+        text = f"  {r.rule}: {r.status.upper() if r.blocking else r.status} ({r.observed})"
+        if r.status != "passed" and r.fix:
+            text += f"; {r.fix}"
+        lines.append(text)
+        for o in r.offending[:5]:
+            lines.append(f"    {o.get('file', '')}" + (f": {o['reason']}" if o.get("reason") else ""))
+        if r.unexpected_count > 5 and r.offending:
+            lines.append(f"    (+{r.unexpected_count - 5} more)")
+    verdict = "validate would pass" if report.passed and not missing else "validate would FAIL"
+    lines += ["", f"{verdict}: {report.usable_images} of {report.images} image(s) usable"]
+    _say("\n".join(lines))
+    return 0 if report.passed and not missing else 1
 
 
 def _serve_parser(sub) -> None:
@@ -454,11 +518,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         verify_bundle(args.folder)
         _say(f"{args.folder}: every checksum matches")
         return 0
+    if args.command == "check-data" and not Path(args.params).is_file():
+        from synermix.config import parse_params
+
+        _say(f"(no {args.params}: the default validate rules, seed and split)")
+        return _check_data(args, parse_params({}))
     params = load_params(Path(args.params))
     if args.command in ("promote", "rollback", "pilot-eval", "status", "bundle"):
         return _rollout(args, params)
     if args.command == "params":
         print(_params_in_force(params, Path(".")), end="")
+    elif args.command == "check-data":
+        return _check_data(args, params)
     elif args.command == "prepare":
         from synermix.stages.prepare import run_prepare
 

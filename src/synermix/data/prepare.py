@@ -89,7 +89,9 @@ def _check_output_dir(out_dir: Path, spec: SourceSpec) -> None:
             )
 
 
-def _process(item: SourceItem, max_pixels: int, image_size: int | None, staging: Path) -> dict:
+def _process(item: SourceItem, max_pixels: int, image_size: int | None, staging: Path | None) -> dict:
+    """One item's manifest row; its canonical PNG written under ``staging`` (None: nothing
+    is written, for ``synermix check-data``)."""
     try:
         data = item.read()
     except OSError as exc:
@@ -118,12 +120,14 @@ def _process(item: SourceItem, max_pixels: int, image_size: int | None, staging:
         **item.extra,
     }
     if info.image is not None:
-        image = info.image if image_size is None else resize_shorter_side(info.image, image_size)
         rel = PurePosixPath("images", item.label, f"{_safe_name(item.source_path)}-{sha256[:10]}.png")
+        row["path"] = str(rel)
+        if staging is None:
+            return row
+        image = info.image if image_size is None else resize_shorter_side(info.image, image_size)
         target = staging / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(encode_png(image))
-        row["path"] = str(rel)
     return row
 
 
@@ -173,6 +177,37 @@ def prepare_dataset(
         shutil.rmtree(out_dir)  # carries our marker (checked above)
     staging.rename(out_dir)
     return PrepareResult(manifest, summary)
+
+
+def manifest_in_memory(
+    spec: SourceSpec,
+    *,
+    seed: int,
+    split: Mapping[str, float],
+    max_per_class: int | None = None,
+    max_pixels: int = MAX_PIXELS,
+    workers: int = 2,
+) -> tuple[pd.DataFrame, int]:
+    """The manifest prepare would write for ``spec`` (rows, splits), and the count of files
+    the listing skipped, without writing anything: what ``synermix check-data`` validates."""
+    listing = list_source(spec)
+    items = cap_per_class(listing.items, max_per_class, seed)
+    if not items:
+        raise UserError(f"data.source '{spec.kind}' lists no images")
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        jobs = pool.map(lambda it: _process(it, max_pixels, None, None), items)
+        rows = list(tqdm(jobs, total=len(items), desc="check", unit="img", disable=None))
+    manifest = pd.DataFrame(rows, columns=list(BASE_COLUMNS) + list(listing.extra_columns))
+    decoded = manifest["decodable"].to_numpy()
+    manifest.loc[decoded, "split"] = assign_splits(
+        manifest.loc[decoded, "label"].tolist(),
+        manifest.loc[decoded, "content_sha256"].tolist(),
+        split,
+        seed,
+    )
+    return manifest.sort_values(["label", "source_path"], kind="stable").reset_index(drop=True), len(
+        listing.skipped
+    )
 
 
 def summarise(manifest: pd.DataFrame, spec: SourceSpec, skipped: int = 0) -> dict:
