@@ -90,6 +90,23 @@ def test_stages_of_one_repro_share_a_pipeline_run(tmp_path, train_project, monke
     assert parent.data.params["gates.min_accuracy"] == "0.5"  # as the first stage saw them
     paths = {a.path for a in client.list_artifacts(parent.info.run_id, "pipeline")}
     assert paths == {"pipeline/params.yaml", "pipeline/dvc.lock"}
+    failed = stages["evaluate"].data.tags["failed_gates"].split(",")
+    assert "min_accuracy" in failed  # the gate set to 1.0; the others as this noise model fares
+    evaluation = json.loads((tmp_path / "reports/evaluation.json").read_text())
+    assert failed == [g for g, r in evaluation["gates"].items() if r["status"] == "FAIL"]
+
+    # `synermix status` opens with this repro: how it ended, which gate failed, where to look;
+    # and does not say "run the pipeline" to someone who just did
+    from synermix import rollout
+
+    report = rollout.status(strict)
+    last = report["last_pipeline"]
+    assert last["run_id"] == parent.info.run_id and last["failed_gates"] == ",".join(failed)
+    assert last["ui"].endswith(f"/runs/{parent.info.run_id}?workflowType=machine_learning")
+    text = rollout.format_status(report)
+    first = text.splitlines()[0]
+    assert "FAILED at evaluate" in first and f"gates FAILED: {','.join(failed)}" in first
+    assert "no versions yet: the last pipeline run's model failed its gates" in text
     assert {a.path for a in client.list_artifacts(stages["validate"].info.run_id, "validation")} == {
         "validation/validation.md",
         "validation/validation.json",

@@ -206,12 +206,83 @@ def status(params: Params, history: int = 10) -> dict:
     }
     return {
         "model_name": name,
+        "last_pipeline": last_pipeline(client, params),
         "aliases": aliases,
         "versions": rows,
         "moves": moves,
         "moved_outside_synermix": outside,
         "refused_aliases": refused,
     }
+
+
+def ui_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI (the classic ML view, not the GenAI overview). A SQLite
+    store has no server: the link is the one `mlflow ui` (default 127.0.0.1:5000) serves."""
+    base = (
+        tracking_uri.rstrip("/")
+        if tracking_uri.startswith(("http://", "https://"))
+        else "http://127.0.0.1:5000"
+    )
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
+def last_pipeline(client: Any, params: Params) -> dict[str, Any] | None:
+    """The latest `dvc repro` pipeline run of the experiment: when, its stages, how it ended,
+    the gates that failed (from its evaluate run) and its UI link; None when there is none."""
+    from synermix.tracking import PIPELINE_ROLE, redact_uri
+
+    found = client.get_experiment_by_name(params.mlflow.experiment)
+    if found is None:
+        return None
+    experiment = found.experiment_id
+    runs = client.search_runs(
+        [experiment],
+        f"tags.synermix_role = '{PIPELINE_ROLE}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        return None
+    run = runs[0]
+    tags = run.data.tags
+    out: dict[str, Any] = {
+        "run_id": run.info.run_id,
+        "started": datetime.fromtimestamp(run.info.start_time / 1000, UTC).strftime("%Y-%m-%d %H:%M"),
+        "status": run.info.status,
+        "stages": tags.get("stages_ran", ""),
+        "failed_stage": tags.get("failed_stage", ""),
+        "gates_passed": "",
+        "failed_gates": "",
+        "ui": ui_link(redact_uri(client.tracking_uri), experiment, run.info.run_id),
+    }
+    evaluate = tags.get("run.evaluate")
+    if evaluate:
+        try:
+            etags = client.get_run(evaluate).data.tags
+        except Exception:  # a deleted child run: the parent still says how the repro ended
+            etags = {}
+        out["gates_passed"] = etags.get("gates_passed", "")
+        out["failed_gates"] = etags.get("failed_gates", "")
+    return out
+
+
+def _pipeline_lines(last: Mapping[str, Any] | None) -> list[str]:
+    if not last:
+        return ["last pipeline run: none in this experiment yet (run dvc repro)"]
+    if last["failed_stage"]:
+        verdict = f"FAILED at {last['failed_stage']}"
+    elif last["status"] == "RUNNING":
+        verdict = "still running (or killed)"
+    else:
+        verdict = "finished"
+    if last["gates_passed"] == "false":
+        verdict += f"; gates FAILED: {last['failed_gates'] or '?'} (reports/evaluation.md)"
+    elif last["gates_passed"] == "true":
+        verdict += "; gates passed"
+    return [
+        f"last pipeline run: {last['started']} UTC, stages {last['stages'] or '-'}: {verdict}",
+        f"  {last['ui']}",
+    ]
 
 
 def format_status(report: Mapping[str, Any]) -> str:
@@ -224,12 +295,20 @@ def format_status(report: Mapping[str, Any]) -> str:
         widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
         return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
 
+    last = report.get("last_pipeline")
     lines = [
+        *_pipeline_lines(last),
         f"registered model {report['model_name']}: "
-        + (", ".join(f"@{a} = v{v}" for a, v in sorted(report["aliases"].items())) or "no aliases")
+        + (", ".join(f"@{a} = v{v}" for a, v in sorted(report["aliases"].items())) or "no aliases"),
     ]
     if not report["versions"]:
-        return lines[0] + "\nno versions yet: run the pipeline (dvc repro)"
+        if last and last.get("gates_passed") == "false":
+            why = "the last pipeline run's model failed its gates, so nothing was registered"
+        elif last and last.get("failed_stage"):
+            why = f"the last pipeline run failed at {last['failed_stage']} before register"
+        else:
+            why = "run the pipeline (dvc repro)"
+        return "\n".join([*lines, f"no versions yet: {why}"])
     lines += [
         "",
         *table(

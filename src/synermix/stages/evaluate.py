@@ -320,6 +320,8 @@ def _log_evaluation(
         "model_run_id": str(meta.get("mlflow_run_id", "")),
         "weights_sha256": meta["weights_sha256"],
         "gates_passed": str(summary["passed"]).lower(),
+        # which gates failed, by name: what `synermix status` and the MLflow UI show first
+        "failed_gates": ",".join(g for g, r in summary["gates"].items() if r["status"] == "FAIL"),
         "champion_version": str(summary["champion"].get("version", "")),
     }
     with mlflow_run(params, "evaluate", root, tags) as run:
