@@ -137,3 +137,31 @@ def test_check_data_on_a_healthy_folder_and_a_missing_one(tmp_path, monkeypatch,
     with pytest.raises(SystemExit) as stop:
         main(["check-data", "nowhere"])
     assert stop.value.code == 2 and "nowhere: no such folder" in capsys.readouterr().err
+
+
+def test_each_stage_command_says_what_it_reads_and_writes(capsys):
+    """The --help of every stage names the data files dvc.yaml gives it as deps, the params
+    sections it reads and every output dvc.yaml declares for it."""
+    import pytest
+    import yaml
+
+    from synermix.cli import main
+    from synermix.paths import STAGE_OUTPUTS
+
+    from .helpers import REPO_ROOT
+
+    stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+    for name, spec in stages.items():
+        with pytest.raises(SystemExit) as stop:
+            main([name, "--help"])
+        assert stop.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+        reads, writes = text.split("Reads:", 1)[1].split("Writes:", 1)
+        for dep in spec["deps"]:
+            if not dep.startswith(("src/", "pipeline/", "requirements.lock")):
+                assert dep in reads, f"{name} --help does not say it reads {dep}"
+        for key in spec.get("params", []):
+            section = key.split(".")[0]
+            assert section in reads, f"{name} --help does not say it reads params {section}"
+        for out in STAGE_OUTPUTS[name]:
+            assert str(out) in writes, f"{name} --help does not say it writes {out}"

@@ -111,6 +111,61 @@ def _params_in_force(params, root: Path) -> str:
     return "\n".join([*head, *lines]) + "\n"
 
 
+#: each stage command: (one-line help, what it reads); what it writes comes from
+#: paths.STAGE_OUTPUTS, the list dvc.yaml is held against
+STAGE_TEXT = {
+    "prepare": (
+        "run the prepare stage (images + manifest + splits)",
+        "data.source (the ELPV package, a <class>/<image> folder or Fashion-MNIST); params seed, data.*",
+    ),
+    "validate": (
+        "run the validate stage (Great Expectations on the manifest)",
+        "data/prepared/manifest.csv; params data.classes, validate.*",
+    ),
+    "tune": (
+        "run the tune stage (Optuna search of beta), or join it as a worker",
+        "data/prepared, data/validated/quarantine.csv; params seed, data.classes, tune.*, train.* "
+        "(train.epochs excepted: trials run tune.epochs); the study database (tune.storage)",
+    ),
+    "train": (
+        "run the train stage (SynerMix training, logged to MLflow)",
+        "data/prepared, data/validated/quarantine.csv, tuning/best_params.yaml (the tuned values "
+        "replace train.*); params seed, data.classes, data.image_size, train.*; train.init's weights",
+    ),
+    "evaluate": (
+        "run the evaluate stage (test metrics, gates, champion comparison); exit 1 when a gate fails",
+        "models/model, data/prepared (val, test and, for the unknown-part distance, train), "
+        "data/validated/quarantine.csv; params "
+        "evaluate.*, gates.*, decision.*, registry.model_name; the model holding gates.champion.alias "
+        "in the registry",
+    ),
+    "export": (
+        "run the export stage (ONNX + parity check against PyTorch)",
+        "models/model, models/decision, reports/evaluation.json (verdict, temperature), "
+        "data/prepared (parity and test images), data/validated/quarantine.csv; params seed, "
+        "data.classes, export.*",
+    ),
+    "register": (
+        "run the register stage (a version of registry.model_name with the candidate alias)",
+        "models/model, models/onnx, reports/evaluation.json, reports/export.json; params "
+        "registry.model_name, registry.auto_pilot; writes the MLflow registry",
+    ),
+}
+
+
+def _stage_parser(sub, name: str):
+    from synermix.paths import STAGE_OUTPUTS
+
+    short, reads = STAGE_TEXT[name]
+    writes = ", ".join(str(p) for p in STAGE_OUTPUTS[name])
+    description = (
+        f"The {name} stage outside DVC (dvc repro runs it with the same code). Reads: {reads}. "
+        f"Writes: {writes}; and an MLflow run (mlflow.tracking_uri). Bad input is one line on stderr "
+        "and exit 2."
+    )
+    return sub.add_parser(name, help=short, description=description)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="synermix", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action=_Version)
@@ -121,9 +176,8 @@ def _parser() -> argparse.ArgumentParser:
         "params",
         help="check params.yaml and print the values in force (tuned train.* values overlaid and marked)",
     )
-    sub.add_parser("prepare", help="run the prepare stage (images + manifest + splits)")
-    sub.add_parser("validate", help="run the validate stage (Great Expectations on the manifest)")
-    tune = sub.add_parser("tune", help="run the tune stage (Optuna search of beta), or join it as a worker")
+    stage = {name: _stage_parser(sub, name) for name in STAGE_TEXT}
+    tune = stage["tune"]
     tune.add_argument(
         "--worker",
         action="store_true",
@@ -136,16 +190,6 @@ def _parser() -> argparse.ArgumentParser:
         default=120.0,
         metavar="SECONDS",
         help="with --worker: how long to wait for the study to appear (default 120)",
-    )
-    sub.add_parser("train", help="run the train stage (SynerMix training, logged to MLflow)")
-    sub.add_parser(
-        "evaluate",
-        help="run the evaluate stage (test metrics, gates, champion comparison); exit 1 when a gate fails",
-    )
-    sub.add_parser("export", help="run the export stage (ONNX + parity check against PyTorch)")
-    sub.add_parser(
-        "register",
-        help="run the register stage (a version of registry.model_name with the candidate alias)",
     )
     _rollout_parsers(sub)
     _serve_parser(sub)
