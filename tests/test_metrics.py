@@ -164,3 +164,22 @@ def test_wilson_interval_by_hand():
     assert all(math.isnan(v) for v in m.wilson_interval(0, 0))
     s = m.classification_scores(m.confusion_matrix(Y_TRUE, Y_PRED, 3))
     assert (s["accuracy_ci95_low"], s["accuracy_ci95_high"]) == pytest.approx(m.wilson_interval(3, 5))
+
+
+def test_confusion_figure_is_row_normalised_in_the_classes_own_order():
+    """The confusion PNG shows each actual class's row as shares (a class without test images
+    stays 0, not NaN), in data.classes' order, ELPV's from sound to defective, else the model's."""
+    from synermix.eval_report import display_order, row_shares
+
+    shares = row_shares(np.array([[3, 1], [0, 0]]))
+    assert shares.tolist() == [[0.75, 0.25], [0.0, 0.0]]
+    model = ["defective", "functional", "likely_defective", "possibly_defective"]
+    assert display_order(model, [], "elpv") == [
+        "functional",
+        "possibly_defective",
+        "likely_defective",
+        "defective",
+    ]
+    assert display_order(["a", "b"], ["b", "a"], "folder") == ["b", "a"]
+    assert display_order(["a", "b"], [], "folder") == ["a", "b"]
+    assert display_order(["a", "b"], [], "elpv") == ["a", "b"]  # not ELPV's classes: the model's

@@ -135,9 +135,9 @@ STAGE_TEXT = {
     "evaluate": (
         "run the evaluate stage (test metrics, gates, champion comparison); exit 1 when a gate fails",
         "models/model, data/prepared (val, test and, for the unknown-part distance, train), "
-        "data/validated/quarantine.csv; params "
-        "evaluate.*, gates.*, decision.*, registry.model_name; the model holding gates.champion.alias "
-        "in the registry",
+        "data/validated/quarantine.csv; params data.source, data.classes (the classes' display "
+        "order, ELPV's defect classes), evaluate.*, gates.*, decision.*, registry.model_name; the "
+        "model holding gates.champion.alias in the registry",
     ),
     "export": (
         "run the export stage (ONNX + parity check against PyTorch)",

@@ -45,6 +45,24 @@ def write_tables(out_dir: Path, report: Mapping[str, Any], predictions: pd.DataF
     return paths
 
 
+def row_shares(counts: np.ndarray) -> np.ndarray:
+    """Each row of a confusion matrix as shares of its actual class (a row of zeros stays 0)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    totals = counts.sum(axis=1, keepdims=True)
+    return np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+
+
+def display_order(class_names: Sequence[str], declared: Sequence[str], source_kind: str) -> list[str]:
+    """The order a person reads the classes in: data.classes when declared, ELPV's from sound
+    to defective, else the model's own (sorted) order."""
+    from synermix.data.sources import ELPV_CLASSES
+
+    for wanted in (list(declared), list(ELPV_CLASSES.values()) if source_kind == "elpv" else []):
+        if wanted and set(wanted) == set(class_names):
+            return wanted
+    return list(class_names)
+
+
 def write_figures(
     out_dir: Path,
     report: Mapping[str, Any],
@@ -52,8 +70,11 @@ def write_figures(
     features: np.ndarray,
     labels: np.ndarray,
     correct: np.ndarray,
+    display_order: Sequence[str] | None = None,
 ) -> list[Path]:
-    """Confusion matrix, per-class bars, reliability diagram, and a 2-D PCA of test features."""
+    """Confusion matrix (row-normalised, classes in ``display_order``: the classes' own order,
+    e.g. from sound to defective, not the label indices), per-class bars, reliability diagram,
+    and a 2-D PCA of test features."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,16 +84,24 @@ def write_figures(
     written = []
     k = len(class_names)
 
-    confusion = np.asarray(report["confusion"])
-    fig, ax = plt.subplots(figsize=(2.5 + 0.9 * k, 2 + 0.8 * k))
-    ax.imshow(confusion, cmap="Blues")
+    order = [class_names.index(c) for c in (display_order or class_names)]
+    counts = np.asarray(report["confusion"])[np.ix_(order, order)]
+    shares = row_shares(counts)
+    shown = [class_names[i] for i in order]
+    fig, ax = plt.subplots(figsize=(2.5 + 1.1 * k, 2 + 0.9 * k))
+    ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
     for a in range(k):
         for p in range(k):
-            colour = "white" if confusion[a, p] > confusion.max() / 2 else "black"
-            ax.text(p, a, str(confusion[a, p]), ha="center", va="center", color=colour)
-    ax.set_xticks(range(k), class_names, rotation=30, ha="right")
-    ax.set_yticks(range(k), class_names)
-    ax.set(xlabel="predicted", ylabel="actual", title="confusion matrix (test)")
+            colour = "white" if shares[a, p] > 0.5 else "black"
+            text = f"{shares[a, p]:.2f}\n({counts[a, p]})" if counts[a].sum() else "-"
+            ax.text(p, a, text, ha="center", va="center", color=colour, fontsize=8)
+    ax.set_xticks(range(k), shown, rotation=30, ha="right")
+    ax.set_yticks(range(k), shown)
+    ax.set(
+        xlabel="predicted",
+        ylabel="actual",
+        title="confusion matrix (test): share of each actual class (count)",
+    )
     written.append(_save(fig, out_dir / EVAL_FIGURES["confusion"].name))
 
     table = per_class_table(report)

@@ -203,7 +203,13 @@ def run_evaluate(params: Params, root: Path = Path(".")) -> dict:
     out_dir = root / EVAL_DIR
     tables = eval_report.write_tables(out_dir, test, predictions)
     figures = eval_report.write_figures(
-        out_dir, test, names, test_scores.features, test_scores.labels, test_scores.correct
+        out_dir,
+        test,
+        names,
+        test_scores.features,
+        test_scores.labels,
+        test_scores.correct,
+        display_order=eval_report.display_order(names, params.data.classes, params.data.source_spec.kind),
     )
     summary = {
         "passed": passed,
