@@ -424,3 +424,29 @@ def test_a_build_folder_left_by_a_killed_writer_is_removed_at_the_next_bundle(so
     write_bundle(sources, tmp_path / "line", INFO)
     assert not litter.exists() and alive.is_dir() and other.is_dir()
     assert is_bundle(tmp_path / "line") and not list(tmp_path.glob(".line.*.partial"))[1:]
+
+
+def test_model_card_states_the_decision_rule_the_model_carries():
+    """A model with an operating point and an unknown-part threshold: the card spells out the
+    four decisions with the model's own thresholds and how they were fitted."""
+    decision = {
+        "unknown_above": 17.9076,
+        "defect_classes": ["crack", "scratch"],
+        "accept_below": 0.0632,
+        "reject_from": 0.2041,
+        "fit": {
+            "fitted_on": "val",
+            "images": 393,
+            "limits": {"max_escape_rate": 0.05, "max_overkill_rate": None, "max_review_rate": 0.3},
+            "escape_rate": 0.0,
+            "overkill_rate": 0.5222,
+            "review_rate": 0.2977,
+        },
+    }
+    card = render_model_card({"model_name": "synermix", "version": "3"}, CLASSES, [], decision=decision)
+    section = card.split("## Decisions on the line")[1].split("\n## ")[0]
+    assert "Defect classes: crack, scratch" in section
+    assert "`accept` (a good part): P(defect) below 0.0632" in section
+    assert "`reject` (a defective part): P(defect) from 0.2041" in section
+    assert "Fitted on 393 val images to meet max_escape_rate 0.05, max_review_rate 0.3" in section
+    assert "above 17.91" in section and "`unknown`" in section
