@@ -357,6 +357,7 @@ def test_decision_and_unknown_distance_travel_in_the_onnx_file(tmp_path):
     """Calibrated logits, the distance and the stored operating point: onnxruntime answers what
     PyTorch and numpy compute, and predict's decision is the one decision.decide gives."""
     from synermix import decision as dc
+    from synermix.metrics import softmax
     from synermix.novelty import fit_novelty, fit_threshold, novelty_module
 
     torch.manual_seed(0)
@@ -396,7 +397,7 @@ def test_decision_and_unknown_distance_travel_in_the_onnx_file(tmp_path):
         expected = net(torch.from_numpy(x)).double().numpy() / 1.7
     assert np.abs(logits - expected).max() <= 1e-4
     assert distance == pytest.approx(novelty.distances(feats), rel=1e-4)
-    expected_decisions = dc.decide(point, threshold, classifier.softmax(expected), novelty.distances(feats))
+    expected_decisions = dc.decide(point, threshold, softmax(expected), novelty.distances(feats))
     assert "unknown" in expected_decisions and len(set(expected_decisions)) >= 2
     results = classifier.predict(list(files.items()), batch_size=5)
     assert [r.decision for r in results] == expected_decisions

@@ -29,6 +29,7 @@ import numpy as np
 from synermix import decision as dc
 from synermix.choices import MAX_PIXELS, PROVIDERS
 from synermix.data.images import IMAGE_EXTENSIONS, Reserve, fit_square, inspect_image, resize_shorter_side
+from synermix.metrics import softmax
 from synermix.preprocessing import RESIZE_POLICY, Preprocessing
 
 log = logging.getLogger(__name__)
@@ -300,14 +301,8 @@ class Classifier:
         """Model outputs (calibrated logits) for a float32 ``N x C x H x W`` batch."""
         return self.outputs(batch)[0]
 
-    @staticmethod
-    def softmax(z: np.ndarray) -> np.ndarray:
-        z = z - z.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(axis=1, keepdims=True)
-
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        return self.softmax(self.logits(batch))
+        return softmax(self.logits(batch))
 
     def decisions(self, probabilities: np.ndarray, distances: np.ndarray | None) -> list[str]:
         """The stored decision per image (:func:`synermix.decision.decide`)."""
@@ -355,7 +350,7 @@ class Classifier:
             if not pending:
                 return
             logits, distances = self.outputs(np.stack([x for _, _, x in pending]))
-            probs = self.softmax(logits)
+            probs = softmax(logits)
             decisions = self.decisions(probs, distances)
             for i, ((slot, name, _), p) in enumerate(zip(pending, probs, strict=True)):
                 distance = math.nan if distances is None else float(distances[i])

@@ -90,7 +90,7 @@ def fit_line_decision(
     measure both on test. ``val`` / ``test`` carry calibrated logits. A bad setting or an
     infeasible limit stops with one line (UserError, exit 2)."""
     spec = params.decision
-    novelty = unknown_above = None
+    novelty = unknown_above = val_d = test_d = None  # distances: computed once, used below
     unknown: dict[str, Any] = {}
     if spec.unknown.enabled and train_features is not None and val is not None and len(val.labels):
         features, labels = train_features
@@ -119,7 +119,6 @@ def fit_line_decision(
         )
     elif spec.unknown.enabled:
         unknown = {"note": "not fitted: no val images"}
-    test_d = novelty.distances(test.features) if novelty is not None else None
     defects = params.defect_classes
     if not defects:
         note = (
@@ -167,7 +166,6 @@ def fit_line_decision(
             raise UserError(str(exc)) from None
     val_rates = {}
     if val is not None and len(val.labels):
-        val_d = novelty.distances(val.features) if novelty is not None else None
         val_rates = dc.decision_rates(
             point, dc.decide(point, unknown_above, val.probabilities, val_d), val.labels
         )

@@ -321,10 +321,28 @@ def quantize_int8(src: Path, dst: Path, calibration: np.ndarray, batch_size: int
     onnx.save(proto, str(dst), save_as_external_data=False)
 
 
+def batched_outputs(
+    classifier: Classifier, inputs: np.ndarray, batch_size: int = 64
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(logits, distance or None) of an ONNX model on preprocessed inputs, in batches."""
+    logits, distances = [], []
+    for start in range(0, len(inputs), batch_size):
+        z, d = classifier.outputs(inputs[start : start + batch_size])
+        logits.append(z)
+        if d is not None:
+            distances.append(d)
+    k = len(classifier.class_names)
+    return (
+        np.concatenate(logits) if logits else np.zeros((0, k)),
+        np.concatenate(distances) if distances else None,
+    )
+
+
+def accuracy_of(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy of ``logits`` against class indices."""
+    return int((logits.argmax(1) == labels).sum()) / max(len(labels), 1)
+
+
 def accuracy(classifier: Classifier, inputs: np.ndarray, labels: np.ndarray, batch_size: int = 64) -> float:
     """Top-1 accuracy of an ONNX model on preprocessed inputs."""
-    correct = 0
-    for start in range(0, len(inputs), batch_size):
-        pred = classifier.logits(inputs[start : start + batch_size]).argmax(1)
-        correct += int((pred == labels[start : start + batch_size]).sum())
-    return correct / max(len(inputs), 1)
+    return accuracy_of(batched_outputs(classifier, inputs, batch_size)[0], labels)

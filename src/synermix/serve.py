@@ -55,6 +55,7 @@ from synermix.config import ServeParams
 from synermix.data.images import decode_bytes
 from synermix.errors import UserError
 from synermix.inference import DEFAULT_MAX_PIXELS, BadImage, Classifier
+from synermix.metrics import softmax
 from synermix.model_source import fingerprint, is_registry, model_file, registry_about
 
 log = logging.getLogger(__name__)
@@ -226,7 +227,7 @@ class MicroBatcher:
     def _answer(self, batch: list) -> None:
         try:
             logits, distances = self.classifier.outputs(np.stack([x for x, _ in batch]))
-            probabilities = self.classifier.softmax(logits)
+            probabilities = softmax(logits)
         except Exception as exc:  # a failed run fails its requests, not the thread
             for _, future in batch:
                 future.set_exception(exc)

@@ -20,6 +20,7 @@ from synermix.data.transforms import Preprocessing, load_resized, normalize
 from synermix.errors import CheckFailed, UserError
 from synermix.inference import Classifier
 from synermix.line_decision import read_decision
+from synermix.metrics import softmax
 from synermix.novelty import novelty_module
 from synermix.paths import (
     EVAL_METRICS,
@@ -109,8 +110,9 @@ def run_export(params: Params, root: Path = Path(".")) -> dict:
     parity_ok = parity.passed(ex.parity_max_abs_diff)
 
     test_inputs, labels = production_inputs(test_rows, image_root, classifier.preprocess, names)
-    fp32_accuracy = ox.accuracy(classifier, test_inputs, labels)
-    decisions = _decision_agreement(root, classifier, test_rows, test_inputs)
+    test_logits, test_distances = ox.batched_outputs(classifier, test_inputs)  # one pass for both
+    fp32_accuracy = ox.accuracy_of(test_logits, labels)
+    decisions = _decision_agreement(root, classifier, test_rows, test_logits, test_distances)
     onnx_bytes = (root / ONNX_MODEL).read_bytes()
     summary: dict = {
         "exporter": ex.exporter,
@@ -157,18 +159,13 @@ def run_export(params: Params, root: Path = Path(".")) -> dict:
     return summary
 
 
-def _decision_agreement(root: Path, classifier: Classifier, rows: pd.DataFrame, inputs: np.ndarray) -> dict:
-    """The ONNX model's decisions on the test images: counts, and the share equal to the
-    decision evaluate made for the same image (reports/evaluation/predictions.csv)."""
-    probs, distances = [], []
-    for start in range(0, len(inputs), 64):
-        logits, distance = classifier.outputs(inputs[start : start + 64])
-        probs.append(classifier.softmax(logits))
-        if distance is not None:
-            distances.append(distance)
-    p = np.concatenate(probs) if probs else np.zeros((0, len(classifier.class_names)))
-    d = np.concatenate(distances) if distances else None
-    decided = classifier.decisions(p, d)
+def _decision_agreement(
+    root: Path, classifier: Classifier, rows: pd.DataFrame, logits: np.ndarray, distances: np.ndarray | None
+) -> dict:
+    """The ONNX model's decisions on the test images (from its ``logits`` and ``distances``):
+    counts, and the share equal to the decision evaluate made for the same image
+    (reports/evaluation/predictions.csv)."""
+    decided = classifier.decisions(softmax(logits), distances)
     counts = {k: decided.count(k) for k in sorted(set(decided)) if k}
     out: dict = {"counts": counts}
     table = root / EVAL_TABLES["predictions"]
