@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro test test-unit test-slow lint format lock clean-venv
+.PHONY: install repro ui test test-unit test-slow lint format lock clean-venv
 
 install: $(STAMP)
 
@@ -18,6 +18,14 @@ $(STAMP): pyproject.toml requirements.lock
 
 repro: install
 	dvc repro
+
+# the MLflow UI on loopback, over this project's store (MLFLOW_TRACKING_URI, else the
+# SQLite file the pipeline writes); the link opens the classic runs view, not GenAI's
+UI_PORT ?= 5000
+MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
+ui: install
+	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)/#/experiments?workflowType=machine_learning (Ctrl-C stops it)"
+	mlflow ui --backend-store-uri "$(MLFLOW_TRACKING_URI)" --host 127.0.0.1 --port $(UI_PORT)
 
 # the default suite: everything but the slow tests (end-to-end `dvc repro`, real PostgreSQL / MLflow servers); the 15 slowest tests
 # are listed at the end (the suite's time on 2 cores: docs/benchmarks.md, "Test suite")

@@ -4,13 +4,15 @@ from synermix.cli import setup_logging
 from synermix.config import load_params
 from synermix.errors import exit_on_user_error
 from synermix.paths import PARAMS_FILE
+from synermix.progress import stage_clock
 from synermix.stages.evaluate import run_evaluate
 
 
 @exit_on_user_error
 def main() -> None:
     setup_logging()
-    run_evaluate(load_params(PARAMS_FILE))
+    with stage_clock("evaluate"):
+        run_evaluate(load_params(PARAMS_FILE))
 
 
 if __name__ == "__main__":

@@ -4,13 +4,15 @@ from synermix.cli import setup_logging
 from synermix.config import load_params
 from synermix.errors import exit_on_user_error
 from synermix.paths import PARAMS_FILE
+from synermix.progress import stage_clock
 from synermix.stages.prepare import run_prepare
 
 
 @exit_on_user_error
 def main() -> None:
     setup_logging()
-    run_prepare(load_params(PARAMS_FILE))
+    with stage_clock("prepare"):
+        run_prepare(load_params(PARAMS_FILE))
 
 
 if __name__ == "__main__":

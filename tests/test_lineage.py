@@ -3,13 +3,15 @@ tree is exercised by tests/test_pipeline_dvc.py; here the key comes from the env
 
 import hashlib
 import json
+import time
 
 import pytest
 import yaml
 
-from synermix import lineage
+from synermix import eval_report, lineage
 from synermix.config import parse_params
 from synermix.errors import CheckFailed
+from synermix.progress import stage_clock
 from synermix.stages.evaluate import run_evaluate
 from synermix.stages.validate import run_validate
 
@@ -62,7 +64,9 @@ def test_stages_of_one_repro_share_a_pipeline_run(tmp_path, train_project, monke
     params = parse_params(raw)
     run_validate(params, tmp_path)
     strict = parse_params({**raw, "gates": {"min_accuracy": 1.0, "champion": {"enabled": False}}})
-    with pytest.raises(CheckFailed):
+    entered = int(time.time() * 1000)
+    with pytest.raises(CheckFailed), stage_clock("evaluate"):
+        time.sleep(0.4)  # the stage's work before its logging: the run must span it
         run_evaluate(strict, tmp_path)
 
     client = MlflowClient()
@@ -94,6 +98,45 @@ def test_stages_of_one_repro_share_a_pipeline_run(tmp_path, train_project, monke
     assert "min_accuracy" in failed  # the gate set to 1.0; the others as this noise model fares
     evaluation = json.loads((tmp_path / "reports/evaluation.json").read_text())
     assert failed == [g for g, r in evaluation["gates"].items() if r["status"] == "FAIL"]
+
+    # the verdict on the pipeline run: its name, the gates that failed, the headline numbers
+    # (those of reports/metrics.json) and the top of evaluation.md with links to the runs
+    evaluate = stages["evaluate"]
+    assert parent.info.run_name == f"dvc repro: gates FAILED ({', '.join(failed)})"
+    assert parent.data.tags["failed_gates"] == ",".join(failed)
+    headline = json.loads((tmp_path / "reports/metrics.json").read_text())
+    measured = [k for k in eval_report.PIPELINE_HEADLINE if headline[k] is not None]
+    assert set(parent.data.metrics) == set(measured) and "test_accuracy" in measured
+    for key in measured:  # the line's rates are not measured without defect classes
+        assert parent.data.metrics[key] == pytest.approx(headline[key], abs=1e-6), key
+    assert parent.data.metrics["gates_passed"] == 0.0
+    note = parent.data.tags["mlflow.note.content"]
+    assert note == evaluate.data.tags["mlflow.note.content"]
+    assert note.startswith("# Evaluation: FAILED") and "## Gates" in note and "## Champion" not in note
+    train_id = stages["train"].info.run_id
+    assert f"(#/experiments/{experiment}/runs/{train_id}?workflowType=machine_learning)" in note
+    # the training values on the pipeline run, and class names rather than indices
+    assert (
+        parent.data.params["train.beta"] == "0.1" and parent.data.tags["train_params_from"] == "params.yaml"
+    )
+    assert evaluate.data.tags["test_worst_class"] in {"crack", "ok"}
+    assert "test_worst_class" not in evaluate.data.metrics
+    # the run spans the stage's work (the clock's start), not only its logging at the end
+    assert entered <= evaluate.info.start_time <= entered + 200
+    assert evaluate.info.end_time - evaluate.info.start_time >= 400
+    # the images each stage used, as MLflow datasets
+    contexts = {
+        name: sorted(
+            tag.value for d in run.inputs.dataset_inputs for tag in d.tags if tag.key == "mlflow.data.context"
+        )
+        for name, run in stages.items()
+    }
+    assert contexts == {
+        "prepare": ["prepared"],
+        "train": ["train", "val"],
+        "validate": [],
+        "evaluate": ["test"],
+    }
 
     # `synermix status` opens with this repro: how it ended, which gate failed, where to look;
     # and does not say "run the pipeline" to someone who just did

@@ -59,7 +59,7 @@ def project(tmp_path):
     repo.mkdir()
     for name in ("dvc.yaml", "params.yaml", "requirements.lock", ".gitignore"):
         shutil.copy(REPO_ROOT / name, repo / name)
-    for name in ("pipeline", "src"):
+    for name in ("pipeline", "src", "data/raw"):  # data/raw: the photo folder prepare watches
         shutil.copytree(
             REPO_ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
         )
@@ -108,6 +108,11 @@ def check_lineage(repo: Path, env: dict) -> None:
     tags = parent.data.tags
     assert set(tags["stages_ran"].split(",")) == set(by_stage)
     assert parent.info.status == "FINISHED" and parent.data.params["train.epochs"] == "2"
+    # the verdict (gates not enforced here) and the training values train really used
+    assert parent.info.run_name.startswith("dvc repro: ") and parent.data.tags["mlflow.note.content"]
+    assert {"test_accuracy", "test_macro_recall", "gates_passed"} <= set(parent.data.metrics)
+    tuned = yaml.safe_load((repo / "tuning/best_params.yaml").read_text())
+    assert float(parent.data.params["train.beta"]) == pytest.approx(tuned["params"]["beta"])
     head = run(["git", "rev-parse", "HEAD"], repo, env).stdout.strip()
     assert tags["git_commit"] == head and tags["git_dirty"] in ("true", "false")
     assert {f"dvc_lock.{s}" for s in ("prepare", "validate", "tune", "train", "evaluate", "export")} <= set(
@@ -181,6 +186,14 @@ def test_dvc_repro_on_real_elpv_subset(project):
     assert json.loads((repo / "reports/train.json").read_text())["epochs"] == 2
     plots = run([str(DVC), "plots", "show", "--json"], repo, env).stdout
     assert "reports/train_history.csv" in plots and "reports/evaluation/predictions.csv" in plots
+    # every plot also as a PNG (the HTML page's charts need a CDN): the losses and scores apart
+    for png in ("train/loss", "train/scores", "tune/beta_vs_objective", "evaluation/confusion"):
+        assert f"reports/{png}.png" in plots and (repo / f"reports/{png}.png").stat().st_size > 1000, png
+    # one small headline file is the only DVC metric
+    shown = json.loads(run([str(DVC), "metrics", "show", "--json"], repo, env).stdout)[""]["data"]
+    assert set(shown) == {"reports/metrics.json"}
+    headline = shown["reports/metrics.json"]["data"]
+    assert 10 <= len(headline) <= 15 and headline["train_beta"] == pytest.approx(tuned["params"]["beta"])
     evaluation = json.loads((repo / "reports/evaluation.json").read_text())
     test_images = sum(",test," in line for line in manifest)
     assert evaluation["test"]["images"] == test_images > 0 and evaluation["enforced"] is False
@@ -237,17 +250,22 @@ def test_dvc_repro_on_real_elpv_subset(project):
     # resizing rewrites the images but not the manifest, so validate has nothing new to check
     set_params(repo, data__image_size=48)
     assert ran(run([str(DVC), "repro"], repo, env).stdout) == everything - {"validate"}
-    # the evaluation is a DVC metric: compared with the committed one
+    # the headline metrics: compared with the committed ones
     diff = json.loads(run([str(DVC), "metrics", "diff", "--all", "--json"], repo, env).stdout)
-    accuracy = diff["reports/evaluation.json"]["test.accuracy"]
+    accuracy = diff["reports/metrics.json"]["test_accuracy"]
     assert accuracy["old"] is not None and accuracy["new"] is not None
 
     set_params(repo, data__max_per_class=14)
     assert ran(run([str(DVC), "repro"], repo, env).stdout) == everything
     metrics = json.loads(run([str(DVC), "metrics", "show", "--json"], repo, env).stdout)
-    prepared = metrics[""]["data"]["reports/prepare.json"]["data"]
+    prepared = json.loads((repo / "reports/prepare.json").read_text())
     assert prepared["images"] == 56 and prepared["classes"] == 4
-    assert 0 <= metrics[""]["data"]["reports/evaluation.json"]["data"]["test"]["accuracy"] <= 1
+    assert 0 <= metrics[""]["data"]["reports/metrics.json"]["data"]["test_accuracy"] <= 1
+
+    # a photo in the watched folder re-runs the pipeline from prepare (the folder is a dep)
+    (repo / "data/raw/note.txt").write_text("a new photo would land here\n")
+    assert set(json.loads(run([str(DVC), "status", "--json"], repo, env).stdout)) == {"prepare"}
+    (repo / "data/raw/note.txt").unlink()
 
     # a gate the model cannot meet: only evaluate reruns, dvc repro fails with the table, and
     # the model is not exported
@@ -257,6 +275,18 @@ def test_dvc_repro_on_real_elpv_subset(project):
     output = failed.stdout + failed.stderr
     assert "evaluation gates failed" in output and "accuracy >= 1.0000" in output
     assert (repo / "reports/evaluation.md").read_text().startswith("# Evaluation: FAILED: min_accuracy")
+    # the pipeline run of that repro carries the verdict in its name
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    (last,) = client.search_runs(
+        [client.get_experiment_by_name("synermix").experiment_id],
+        "tags.synermix_role = 'pipeline'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    assert last.info.run_name.startswith("dvc repro: gates FAILED (min_accuracy")
+    assert last.data.tags["failed_gates"].startswith("min_accuracy") and last.info.status == "FAILED"
 
 
 @pytest.mark.slow

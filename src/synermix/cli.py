@@ -116,7 +116,8 @@ def _params_in_force(params, root: Path) -> str:
 STAGE_TEXT = {
     "prepare": (
         "run the prepare stage (images + manifest + splits)",
-        "data.source (the ELPV package, a <class>/<image> folder or Fashion-MNIST); params seed, data.*",
+        "data.source (the ELPV package, a <class>/<image> folder such as data/raw, or "
+        "Fashion-MNIST); params seed, data.*",
     ),
     "validate": (
         "run the validate stage (Great Expectations on the manifest)",
@@ -548,33 +549,9 @@ def _predict_with(args: argparse.Namespace, model: Path) -> int:
     return 0
 
 
-@exit_on_user_error
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    setup_logging(args.verbose)
-    if args.command == "predict":  # needs the model file only, not params.yaml
-        return _predict(args)
-    if args.command == "serve":  # params.yaml is optional on a line machine
-        return _serve(args)
-    if args.command == "verify-bundle":
-        from synermix.bundle import verify_bundle
-
-        verify_bundle(args.folder)
-        _say(f"{args.folder}: every checksum matches")
-        return 0
-    if args.command == "check-data" and not Path(args.params).is_file():
-        from synermix.config import parse_params
-
-        _say(f"(no {args.params}: the default validate rules, seed and split)")
-        return _check_data(args, parse_params({}))
-    params = load_params(Path(args.params))
-    if args.command in ("promote", "rollback", "pilot-eval", "status", "bundle"):
-        return _rollout(args, params)
-    if args.command == "params":
-        print(_params_in_force(params, Path(".")), end="")
-    elif args.command == "check-data":
-        return _check_data(args, params)
-    elif args.command == "prepare":
+def _run_stage(args: argparse.Namespace, params) -> None:
+    """One stage outside DVC, the same code the pipeline/ script runs."""
+    if args.command == "prepare":
         from synermix.stages.prepare import run_prepare
 
         run_prepare(params)
@@ -606,6 +583,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         from synermix.stages.register import run_register
 
         run_register(params)
+
+
+@exit_on_user_error
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    setup_logging(args.verbose)
+    if args.command == "predict":  # needs the model file only, not params.yaml
+        return _predict(args)
+    if args.command == "serve":  # params.yaml is optional on a line machine
+        return _serve(args)
+    if args.command == "verify-bundle":
+        from synermix.bundle import verify_bundle
+
+        verify_bundle(args.folder)
+        _say(f"{args.folder}: every checksum matches")
+        return 0
+    if args.command == "check-data" and not Path(args.params).is_file():
+        from synermix.config import parse_params
+
+        _say(f"(no {args.params}: the default validate rules, seed and split)")
+        return _check_data(args, parse_params({}))
+    params = load_params(Path(args.params))
+    if args.command in ("promote", "rollback", "pilot-eval", "status", "bundle"):
+        return _rollout(args, params)
+    if args.command == "params":
+        print(_params_in_force(params, Path(".")), end="")
+    elif args.command == "check-data":
+        return _check_data(args, params)
+    elif args.command in STAGE_TEXT:
+        from synermix.progress import stage_clock
+
+        with stage_clock(args.command):
+            _run_stage(args, params)
     return 0
 
 

@@ -338,6 +338,10 @@ class PrunerParams(_Section):
     reduction_factor: Annotated[int, Field(ge=2, le=10)] = 2
 
 
+#: the train.* keys the tune stage can set (one per search-space knob)
+TUNABLE_TRAIN_KEYS: tuple[str, ...] = tuple(SearchSpace.model_fields)
+
+
 class TuneParams(_Section):
     enabled: bool = True
     objective: Literal["val_accuracy", "val_macro_recall"] = "val_macro_recall"
@@ -430,6 +434,8 @@ class EvaluateParams(_Section):
     device: Literal[DEVICES] = "auto"
     #: wrongly classified test images listed by name in reports/evaluation.md
     max_listed_errors: Annotated[int, Field(ge=0)] = 20
+    #: contact sheet and Grad-CAM overlays: the most confident escapes and overkills (each)
+    contact_sheet_images: Annotated[int, Field(ge=1, le=64)] = 8
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
 

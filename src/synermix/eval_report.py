@@ -45,6 +45,66 @@ def write_tables(out_dir: Path, report: Mapping[str, Any], predictions: pd.DataF
     return paths
 
 
+#: reports/metrics.json, in this order: the test figures a line acts on, val beside them,
+#: the verdict, and the training values that produced the model
+HEADLINE_TEST = (
+    "accuracy",
+    "accuracy_ci95_low",
+    "macro_recall",
+    "recall_min",
+    "escape_rate",
+    "overkill_rate",
+    "review_rate",
+    "unknown_rate",
+    "ece",
+)
+#: the ones the pipeline's MLflow run shows in its metrics column
+PIPELINE_HEADLINE = (
+    "test_accuracy",
+    "test_macro_recall",
+    "test_recall_min",
+    "test_escape_rate",
+    "test_overkill_rate",
+    "test_review_rate",
+    "test_ece",
+    "gates_passed",
+)
+
+
+def headline_metrics(
+    test: Mapping[str, Any], val: Mapping[str, Any] | None, passed: bool, model: Mapping[str, Any]
+) -> dict[str, float | None]:
+    """The 15 numbers of reports/metrics.json (None where a figure is not measured, e.g. the
+    line's rates without defect classes)."""
+
+    def number(value: Any) -> float | None:
+        if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+            return None
+        return None if math.isnan(value) else round(float(value), 6)
+
+    out: dict[str, float | None] = {f"test_{k}": number(test.get(k)) for k in HEADLINE_TEST}
+    out["val_accuracy"] = number((val or {}).get("accuracy"))
+    out["val_macro_recall"] = number((val or {}).get("macro_recall"))
+    out["gates_passed"] = 1.0 if passed else 0.0
+    out["train_beta"] = number(model.get("beta"))
+    out["train_lr"] = number(model.get("lr"))
+    out["train_selected_epoch"] = number(model.get("selected_epoch"))
+    return out
+
+
+def verdict_section(markdown: str) -> str:
+    """The top of reports/evaluation.md: title, model and data, the line's rates and the gate
+    table (everything before the first section after "## Gates")."""
+    lines = markdown.splitlines()
+    seen_gates = False
+    for i, line in enumerate(lines):
+        if line.startswith("## "):
+            if seen_gates:
+                return "\n".join(lines[:i]).rstrip() + "\n"
+            seen_gates = line.strip() == "## Gates"
+    return markdown
+
+
 def row_shares(counts: np.ndarray) -> np.ndarray:
     """Each row of a confusion matrix as shares of its actual class (a row of zeros stays 0)."""
     counts = np.asarray(counts, dtype=np.float64)

@@ -40,6 +40,12 @@ TUNE_TABLES = {
     "importances": TUNE_PLOTS_DIR / "importances.csv",
     "reruns": TUNE_PLOTS_DIR / "reruns.csv",
 }
+#: PNG copies of the tuning plots (the DVC plots page shows them with the network off)
+TUNE_FIGURES = {
+    "beta": TUNE_PLOTS_DIR / "beta_vs_objective.png",
+    "history": TUNE_PLOTS_DIR / "optimisation_history.png",
+    "importances": TUNE_PLOTS_DIR / "param_importances.png",
+}
 
 # --------------------------------------------------------------------------- train
 MODEL_DIR = Path("models/model")
@@ -49,9 +55,16 @@ TRAIN_CHECKPOINT_DIR = Path("checkpoints/train")
 TRAIN_CHECKPOINT = TRAIN_CHECKPOINT_DIR / "last.pt"
 TRAIN_HISTORY = Path("reports/train_history.csv")
 TRAIN_METRICS = Path("reports/train.json")
+#: the training curves as PNGs: losses and val scores apart (their scales differ)
+TRAIN_FIGURES = {
+    "loss": Path("reports/train/loss.png"),
+    "scores": Path("reports/train/scores.png"),
+}
 
 # --------------------------------------------------------------------------- evaluate
 EVAL_METRICS = Path("reports/evaluation.json")
+#: the pipeline's 15 headline numbers: dvc.yaml's only `metrics:` file (`dvc metrics show`)
+HEADLINE_METRICS = Path("reports/metrics.json")
 EVAL_REPORT = Path("reports/evaluation.md")
 EVAL_DIR = Path("reports/evaluation")
 EVAL_DETAILS = EVAL_DIR / "details.json"
@@ -63,12 +76,15 @@ EVAL_TABLES = {
     "predictions": EVAL_DIR / "predictions.csv",
     "per_class": EVAL_DIR / "per_class.csv",
     "calibration": EVAL_DIR / "calibration.csv",
+    "contact_sheet": EVAL_DIR / "contact_sheet.csv",  # the images of the two figures below
 }
 EVAL_FIGURES = {
     "confusion": EVAL_DIR / "confusion.png",
     "per_class": EVAL_DIR / "per_class.png",
     "calibration": EVAL_DIR / "calibration.png",
     "features_2d": EVAL_DIR / "features_2d.png",
+    "contact_sheet": EVAL_DIR / "contact_sheet.png",
+    "gradcam": EVAL_DIR / "gradcam.png",
 }
 
 # --------------------------------------------------------------------------- export
@@ -86,13 +102,21 @@ SHADOW_LOG = Path("reports/shadow.jsonl")  # serve.shadow_log: not a pipeline ou
 STAGE_OUTPUTS: dict[str, tuple[Path, ...]] = {
     "prepare": (PREPARED_DIR, PREPARE_SUMMARY),
     "validate": (QUARANTINE_CSV, VALIDATION_MD, VALIDATION_JSON),
-    "tune": (BEST_PARAMS, TUNE_STATE_DIR, TUNE_REPORT, *TUNE_TABLES.values(), TUNE_METRICS),
-    "train": (MODEL_DIR, TRAIN_CHECKPOINT_DIR, TRAIN_HISTORY, TRAIN_METRICS),
+    "tune": (
+        BEST_PARAMS,
+        TUNE_STATE_DIR,
+        TUNE_REPORT,
+        *TUNE_TABLES.values(),
+        *TUNE_FIGURES.values(),
+        TUNE_METRICS,
+    ),
+    "train": (MODEL_DIR, TRAIN_CHECKPOINT_DIR, TRAIN_HISTORY, *TRAIN_FIGURES.values(), TRAIN_METRICS),
     "evaluate": (
         DECISION_DIR,
         EVAL_REPORT,
         EVAL_DETAILS,
         EVAL_METRICS,
+        HEADLINE_METRICS,
         *EVAL_TABLES.values(),
         *EVAL_FIGURES.values(),
     ),

@@ -215,21 +215,10 @@ def status(params: Params, history: int = 10) -> dict:
     }
 
 
-def ui_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
-    """The run's page in the MLflow UI (the classic ML view, not the GenAI overview). A SQLite
-    store has no server: the link is the one `mlflow ui` (default 127.0.0.1:5000) serves."""
-    base = (
-        tracking_uri.rstrip("/")
-        if tracking_uri.startswith(("http://", "https://"))
-        else "http://127.0.0.1:5000"
-    )
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
-
-
 def last_pipeline(client: Any, params: Params) -> dict[str, Any] | None:
     """The latest `dvc repro` pipeline run of the experiment: when, its stages, how it ended,
     the gates that failed (from its evaluate run) and its UI link; None when there is none."""
-    from synermix.tracking import PIPELINE_ROLE, redact_uri
+    from synermix.tracking import PIPELINE_ROLE, redact_uri, ui_link
 
     found = client.get_experiment_by_name(params.mlflow.experiment)
     if found is None:

@@ -14,6 +14,13 @@ trial; a study resumed by a later repro moves under that repro. Every run carrie
 git commit and dirty flag, the manifest's sha256 and the dvc.lock hash of each stage
 upstream of it (``dvc_lock.<stage>``); the pipeline run points at its children with
 ``run.<stage>`` tags. How stages of one repro find each other: :mod:`synermix.lineage`.
+
+What the pipeline run says at a glance: the evaluate stage gives it the verdict
+(:func:`publish_verdict`: a run name such as ``dvc repro: gates FAILED (min_accuracy)``, the
+top of reports/evaluation.md as its description, the headline metrics and a
+``failed_gates`` tag), and the train stage the training values really used, tuned ones
+included (:func:`log_effective_train_params`). A stage's run starts when the stage's work
+starts (:mod:`synermix.progress`), and every stage logs the run's UI link.
 """
 
 from __future__ import annotations
@@ -27,8 +34,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from synermix import lineage
-from synermix.config import MlflowParams, Params, check_no_password
+from synermix import lineage, progress
+from synermix.config import TUNABLE_TRAIN_KEYS, MlflowParams, Params, check_no_password
 from synermix.errors import UserError
 from synermix.paths import DVC_LOCK, DVC_YAML, MANIFEST, PARAMS_FILE
 
@@ -149,6 +156,24 @@ def using_store(uri: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = before_env
 
 
+def ui_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI (the classic ML view, not the GenAI overview). A SQLite
+    store has no server: the link is the one `mlflow ui` (default 127.0.0.1:5000; `make ui`)
+    serves."""
+    base = (
+        tracking_uri.rstrip("/")
+        if tracking_uri.startswith(("http://", "https://"))
+        else "http://127.0.0.1:5000"
+    )
+    return f"{base}/{ui_fragment(experiment_id, run_id)}"
+
+
+def ui_fragment(experiment_id: str, run_id: str) -> str:
+    """The run's page relative to the MLflow UI's address (for links inside MLflow's own
+    Markdown descriptions)."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
 def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists become strings)."""
     flat: dict[str, Any] = {}
@@ -184,6 +209,7 @@ def quiet_mlflow_logs() -> None:
 
 
 PIPELINE_ROLE = "pipeline"
+PIPELINE_RUN_NAME = "dvc repro"
 
 
 class PipelineLineage:
@@ -211,7 +237,9 @@ class PipelineLineage:
         if found is not None:
             return found.info.run_id
         tags = {**git_state(), "synermix_pipeline_key": self.key, "synermix_role": PIPELINE_ROLE}
-        mine = self.client.create_run(experiment, run_name="dvc repro", tags=tags).info.run_id
+        mine = self.client.create_run(
+            experiment, start_time=progress.stage_started_ms(), run_name=PIPELINE_RUN_NAME, tags=tags
+        ).info.run_id
         winner = oldest().info.run_id
         if winner != mine:
             self.client.delete_run(mine)
@@ -229,6 +257,11 @@ class PipelineLineage:
         flat = flatten(params.model_dump(mode="json", by_alias=True))
         # a storage URL may hold a password: tuning logs it redacted, so leave it out here
         flat.pop("tune.storage", None)
+        if params.tune.enabled:
+            # params.yaml's train.beta is not what trains when tune sets it: the train stage
+            # (or evaluate, for a model trained by an earlier repro) logs the values used
+            for key in TUNABLE_TRAIN_KEYS:
+                flat.pop(f"train.{key}", None)
         batch = [Param(k, str(v)[:6000]) for k, v in sorted(flat.items())]
         for start in range(0, len(batch), 100):  # log_batch takes at most 100 params
             self.client.log_batch(run_id, params=batch[start : start + 100])
@@ -270,6 +303,11 @@ class PipelineLineage:
         self.client.set_tag(self.parent, "stages_ran", ",".join(stages))
         if failed:
             self.client.set_tag(self.parent, "failed_stage", self.stage)
+            tags = self.client.get_run(self.parent).data.tags
+            if not (self.stage == "evaluate" and tags.get("failed_gates")):  # evaluate named it
+                self.client.set_tag(
+                    self.parent, "mlflow.runName", f"{PIPELINE_RUN_NAME}: FAILED at {self.stage}"
+                )
         self.client.set_terminated(self.parent, "FAILED" if failed else "FINISHED")
 
 
@@ -287,13 +325,20 @@ def mlflow_run(
     store = client(uri)
     experiment = experiment_id(store, params.mlflow)
     place = PipelineLineage(store, experiment, params, stage, root)
-    with (
-        using_store(uri),
-        mlflow.start_run(
-            experiment_id=experiment, run_name=stage, tags={**place.tags(), **(tags or {})}
-        ) as run,
-    ):
-        log.info("MLflow run %s in %s", run.info.run_id, redact_uri(uri))
+    # started when the stage's work started (its clock), not when its logging began
+    created = store.create_run(
+        experiment,
+        start_time=progress.stage_started_ms(),
+        run_name=stage,
+        tags={**place.tags(), **(tags or {})},
+    )
+    with using_store(uri), mlflow.start_run(run_id=created.info.run_id) as run:
+        log.info(
+            "MLflow run of %s: %s (store %s)",
+            stage,
+            ui_link(redact_uri(uri), experiment, run.info.run_id),
+            redact_uri(uri),
+        )
         place.attach(run.info.run_id)
         with stage_outcome(place, run.info.run_id):
             yield run
@@ -407,7 +452,9 @@ class MlflowTrialLogger:
             tags["retry_of_trial"] = str(trial.system_attrs["failed_trial"])
         if trial.user_attrs.get(ATTR_FAIL_REASON):
             tags["fail_reason"] = str(trial.user_attrs[ATTR_FAIL_REASON])[:5000]
-        run = self.client.create_run(self.experiment, run_name=f"trial-{trial.number}", tags=tags)
+        # a pruned trial did not finish: its name and status (KILLED) say so in the runs table
+        name = f"trial-{trial.number}" + (f" ({state})" if state in ("pruned", "fail") else "")
+        run = self.client.create_run(self.experiment, run_name=name, tags=tags)
         stamp = int(time.time() * 1000)
         metrics = [
             Metric(f"{self.objective}_reported", float(v), stamp, int(step))
@@ -423,4 +470,82 @@ class MlflowTrialLogger:
         self.client.log_batch(run.info.run_id, params=params)
         for start in range(0, len(metrics), 1000):  # log_batch takes at most 1000 metrics
             self.client.log_batch(run.info.run_id, metrics=metrics[start : start + 1000])
-        self.client.set_terminated(run.info.run_id, "FAILED" if state == "fail" else "FINISHED")
+        status = {"fail": "FAILED", "pruned": "KILLED"}.get(state, "FINISHED")
+        self.client.set_terminated(run.info.run_id, status)
+
+
+def _pipeline_parent(store: Any, run_id: str) -> str | None:
+    return store.get_run(run_id).data.tags.get("pipeline_run_id") or None
+
+
+def log_effective_train_params(store: Any, run_id: str, values: Mapping[str, Any], origin: str) -> None:
+    """Log on the pipeline run of ``run_id`` the tunable train.* values training really used
+    (``origin``: where they came from, e.g. the study and trial) — params.yaml's own values
+    of those keys are left out of the pipeline run while tuning is on. Keys the pipeline run
+    already holds are kept (MLflow params are write-once)."""
+    from mlflow.entities import Param
+
+    parent = _pipeline_parent(store, run_id)
+    if not parent:
+        return
+    held = store.get_run(parent).data
+    batch = [
+        Param(f"train.{k}", str(v)) for k, v in sorted(values.items()) if f"train.{k}" not in held.params
+    ]
+    if batch:
+        store.log_batch(parent, params=batch)
+    if batch or "train_params_from" not in held.tags:
+        store.set_tag(parent, "train_params_from", origin[:5000])
+
+
+def publish_verdict(
+    store: Any,
+    run_id: str,
+    *,
+    verdict: str,
+    description: str,
+    metrics: Mapping[str, float],
+    tags: Mapping[str, str],
+) -> str | None:
+    """The evaluate stage's verdict where a person looks first: ``description`` (Markdown)
+    on the stage's run and on its pipeline run, and on the pipeline run the headline
+    ``metrics``, ``tags`` (``failed_gates``, ...) and a run name that carries ``verdict``.
+    Returns the pipeline run's id (None for a stage run by hand)."""
+    from mlflow.entities import Metric, RunTag
+
+    note = description[:60000]  # MLflow keeps tag values up to 64 KiB on SQL stores
+    store.set_tag(run_id, "mlflow.note.content", note)
+    parent = _pipeline_parent(store, run_id)
+    if not parent:
+        return None
+    stamp = int(time.time() * 1000)
+    values = [Metric(k, float(v), stamp, 0) for k, v in sorted(metrics.items()) if v is not None]
+    batch = [RunTag(k, str(v)) for k, v in tags.items()]
+    batch += [
+        RunTag("mlflow.note.content", note),
+        RunTag("mlflow.runName", f"{PIPELINE_RUN_NAME}: {verdict}"),
+    ]
+    store.log_batch(parent, metrics=values, tags=batch)
+    return parent
+
+
+def log_manifest_input(rows: Any, manifest: Path, context: str) -> None:
+    """Log ``rows`` (manifest rows a stage used) as an MLflow dataset input of the active run,
+    under ``context`` (train / val / test / prepared): the run's Datasets column then names
+    the data, its digest, row count and schema."""
+    import warnings
+
+    import mlflow
+
+    with warnings.catch_warnings():  # a local path reads as two equal sources; MLflow takes the first
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        # MLflow's own schema inference: a hint about integer columns and a pandas deprecation
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
+        warnings.filterwarnings("ignore", message="Starting with pandas version 4.0")
+        dataset = mlflow.data.from_pandas(
+            rows.reset_index(drop=True),
+            source=str(Path(manifest).resolve()),
+            targets="label",
+            name="manifest",
+        )
+        mlflow.log_input(dataset, context=context)

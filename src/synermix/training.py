@@ -438,6 +438,7 @@ def save_trained_model(
         "width": params.width,
         "method": params.method,
         "beta": params.beta if params.method in ("synermix", "synermix_intra") else 0.0,
+        "lr": params.lr,
         "inter_method": params.inter_method,
         "epochs": params.epochs,
         "selected_epoch": result.selected_epoch or len(result.history),

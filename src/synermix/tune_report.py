@@ -17,7 +17,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from synermix.config import SearchSpace
-from synermix.paths import TUNE_TABLES
+from synermix.paths import TUNE_FIGURES, TUNE_TABLES
 from synermix.tuning import (
     ATTR_EPOCHS,
     ATTR_FAIL_REASON,
@@ -233,29 +233,34 @@ def write_figures(
             label="mean ± std over seeds",
         )
     ax.set(xlabel="beta", ylabel=f"{objective} (last epoch run)", title="beta against the objective")
-    ax.legend()
-    written.append(_save(fig, out_dir / "beta_vs_objective.png"))
+    if ax.get_legend_handles_labels()[0]:  # none without trials (no search)
+        ax.legend()
+    written.append(_save(fig, out_dir / TUNE_FIGURES["beta"].name))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.scatter(history["trial"], history["value"], label="complete trial", s=28)
     ax.step(history["trial"], history["best_so_far"], where="post", label="best so far", c="tab:green")
     ax.set(xlabel="trial", ylabel=objective, title="optimisation history")
-    ax.legend()
-    written.append(_save(fig, out_dir / "optimisation_history.png"))
+    if ax.get_legend_handles_labels()[0]:  # none without trials (no search)
+        ax.legend()
+    written.append(_save(fig, out_dir / TUNE_FIGURES["history"].name))
 
+    fig, ax = plt.subplots(figsize=(6, 1 + 0.5 * max(len(importances), 2)))
     if importances:
-        fig, ax = plt.subplots(figsize=(6, 1 + 0.5 * len(importances)))
         names = sorted(importances, key=importances.get)
         ax.barh(names, [importances[n] for n in names])
-        ax.set(xlabel="importance (fANOVA)", title="parameter importances")
-        written.append(_save(fig, out_dir / "param_importances.png"))
+    else:  # one knob, too few complete trials, or no search: the file is still a DVC output
+        ax.text(0.5, 0.5, "no importances: too few complete trials or knobs", ha="center", va="center")
+        ax.set_yticks([])
+    ax.set(xlabel="importance (fANOVA)", title="parameter importances")
+    written.append(_save(fig, out_dir / TUNE_FIGURES["importances"].name))
     plt.close("all")
     return written
 
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, metadata={"Software": None})  # same bytes for the same figure
     return path
 
 

@@ -373,6 +373,21 @@ def test_the_line_decision_is_fitted_on_val_stored_reported_and_gated(trained):
     head = report.split("## Gates")[0]
     assert "## On the line (test split)" in head and "| escape |" in head and "| crack | defect |" in head
 
+    # the contact sheet and Grad-CAM overlays show the line's worst calls on real test images
+    sheet = pd.read_csv(root / EVAL_DIR / "contact_sheet.csv", keep_default_na=False)
+    by_path = predictions.set_index("path")
+    assert set(sheet["path"]) <= set(held_out_rows(root)["path"])
+    for row in sheet.itertuples():
+        assert row.kind in {"escape", "overkill"}
+        assert by_path.loc[row.path, "decision"] == ("accept" if row.kind == "escape" else "reject")
+        assert (row.actual in {"crack", "scratch"}) == (row.kind == "escape")
+    expected = (
+        predictions["actual"].isin(["crack", "scratch"]) & (predictions["decision"] == "accept")
+    ).sum()
+    assert (sheet["kind"] == "escape").sum() == min(expected, 8)
+    for name in ("contact_sheet.png", "gradcam.png"):
+        assert (root / EVAL_DIR / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
 
 def test_bad_decision_settings_stop_with_one_line(trained):
     root, with_gates = trained

@@ -19,7 +19,7 @@ import yaml
 from optuna.trial import TrialState
 from PIL import Image
 
-from synermix import tracking
+from synermix import lineage, tracking
 from synermix.config import Params, parse_params
 from synermix.engine import load_checkpoint
 from synermix.errors import CheckFailed
@@ -112,9 +112,18 @@ def test_same_seed_gives_the_same_trials_and_pruning_prunes(tmp_path, monkeypatc
     assert metrics["trials"] == 6 and metrics["epochs_spent"] < metrics["epochs_without_pruning"]
     assert metrics["trials_complete"] + metrics["trials_pruned"] == 6
     assert first["beta"].between(0, 1).all() and first["lr"].between(0.01, 0.2).all()
+    # in MLflow a pruned trial does not look finished: KILLED, and its name says pruned
+    client = tracking.client(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tune-test").experiment_id
+    runs = client.search_runs([experiment], "tags.trial_state = 'pruned'")
+    assert sorted(int(r.data.tags["optuna_trial"]) for r in runs) == sorted(pruned["trial"])
+    assert {r.info.status for r in runs} == {"KILLED"}
+    assert all(r.info.run_name == f"trial-{r.data.tags['optuna_trial']} (pruned)" for r in runs)
+    complete = client.search_runs([experiment], "tags.trial_state = 'complete'")
+    assert complete and {r.info.status for r in complete} == {"FINISHED"}
 
 
-def test_tune_writes_best_params_that_train_uses_and_logs_every_trial(project):
+def test_tune_writes_best_params_that_train_uses_and_logs_every_trial(project, monkeypatch):
 
     root, photos = project
     params = tune_params(photos, rerun_top_k=0)  # today's choice: the single best trial
@@ -146,6 +155,7 @@ def test_tune_writes_best_params_that_train_uses_and_logs_every_trial(project):
     study = load(root, params)
     assert "manifest_sha256" in study.user_attrs
 
+    monkeypatch.setenv(lineage.PIPELINE_KEY_ENV, "repro-tuned")  # train as dvc repro runs it
     run_train(params, root)
     _, meta = load_trained_model(root / MODEL_DIR)
     assert meta["beta"] == best["params"]["beta"] and meta["tuned"]["study"] == best["study"]
@@ -167,6 +177,14 @@ def test_tune_writes_best_params_that_train_uses_and_logs_every_trial(project):
     assert plots == {f"plots/{name}" for name in figures}
     train_run = client.get_run(meta["mlflow_run_id"])
     assert float(train_run.data.params["train.beta"]) == pytest.approx(best["params"]["beta"])
+    # the pipeline run holds the values train used (the tuned ones), not params.yaml's
+    pipeline = client.get_run(train_run.data.tags["pipeline_run_id"])
+    for key in ("beta", "lr"):
+        assert float(pipeline.data.params[f"train.{key}"]) == pytest.approx(best["params"][key]), key
+    assert pipeline.data.params["train.epochs"] == "2"  # untuned keys as params.yaml has them
+    assert (
+        pipeline.data.tags["train_params_from"] == f"tune study {best['study']}, trial {best['best_trial']}"
+    )
 
     # a rerun finds the study complete: no new trial, the same best values
     again = run_tune(params, root)

@@ -3,6 +3,7 @@ reports/evaluation.{json,md}, the tables and figures; the champion scored beside
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -14,7 +15,7 @@ import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
-from synermix import eval_report, evidence, registry
+from synermix import eval_report, evidence, explain, registry
 from synermix import metrics as m
 from synermix.config import Params
 from synermix.data.transforms import Preprocessing
@@ -29,12 +30,23 @@ from synermix.paths import (
     EVAL_DIR,
     EVAL_METRICS,
     EVAL_REPORT,
+    HEADLINE_METRICS,
+    MANIFEST,
     MODEL_DIR,
     MODEL_JSON,
     PREPARED_DIR,
 )
 from synermix.stages.common import evaluation_rows, known_train_rows, model_identity, tag_training_run
-from synermix.tracking import client_for, flatten, mlflow_run, tracking_uri
+from synermix.tracking import (
+    client_for,
+    flatten,
+    log_effective_train_params,
+    log_manifest_input,
+    mlflow_run,
+    publish_verdict,
+    tracking_uri,
+    ui_fragment,
+)
 from synermix.training import load_trained_model
 
 log = logging.getLogger(__name__)
@@ -211,6 +223,8 @@ def run_evaluate(params: Params, root: Path = Path(".")) -> dict:
         test_scores.correct,
         display_order=eval_report.display_order(names, params.data.classes, params.data.source_spec.kind),
     )
+    picked = explain.pick(predictions, params.defect_classes, ev.contact_sheet_images)
+    figures += explain.write(out_dir, picked, model, pre, image_root, names)
     summary = {
         "passed": passed,
         "enforced": enforced,
@@ -251,6 +265,8 @@ def run_evaluate(params: Params, root: Path = Path(".")) -> dict:
         decision=line,
     )
     (root / EVAL_REPORT).write_text(markdown)
+    headline = eval_report.headline_metrics(test, val, passed, meta)
+    (root / HEADLINE_METRICS).write_text(json.dumps(headline, indent=2) + "\n")
     table = format_table(gates)
     failure = None
     if not passed and enforced:
@@ -260,7 +276,8 @@ def run_evaluate(params: Params, root: Path = Path(".")) -> dict:
             "gates: (gates.enforce: false reports without failing)"
         )
     files = [*tables, *figures, root / EVAL_DETAILS, root / DECISION_JSON]
-    _log_evaluation(params, root, meta, summary, test, val, names, files, failure)
+    results = {"summary": summary, "test": test, "val": val, "markdown": markdown, "headline": headline}
+    _log_evaluation(params, root, meta, results, test_rows, names, files, failure)
     if passed:
         log.info("evaluation passed on %d test images:\n%s\nreport: %s", test["images"], table, EVAL_REPORT)
     else:
@@ -311,17 +328,18 @@ def _log_evaluation(
     params: Params,
     root: Path,
     meta: dict,
-    summary: dict,
-    test: dict,
-    val: dict | None,
+    results: dict,
+    test_rows: pd.DataFrame,
     names: list[str],
     files: list[Path],
     failure: CheckFailed | None,
 ) -> None:
     """One MLflow run: gate settings, every metric, the reports and figures; links to training.
+    The verdict also goes on this repro's pipeline run (:func:`_publish`).
 
     ``failure`` (failed gates) is raised inside the run, so it and this repro's pipeline run
     end FAILED."""
+    summary, test, val = results["summary"], results["test"], results["val"]
     tags = {
         "model_run_id": str(meta.get("mlflow_run_id", "")),
         "weights_sha256": meta["weights_sha256"],
@@ -344,8 +362,11 @@ def _log_evaluation(
             if not report:
                 continue
             for key, value in scalars_only(report).items():
+                if key == "worst_class":  # an index: the class name is a tag
+                    continue
                 if isinstance(value, int | float) and not isinstance(value, bool) and value is not None:
                     values[f"{split}_{key}"] = float(value)
+            mlflow.set_tag(f"{split}_worst_class", str(report.get("worst_class_name", "")))
             for name, row in report["per_class"].items():
                 for key in ("precision", "recall", "f1", "cohesion"):
                     value = row[key]
@@ -363,7 +384,56 @@ def _log_evaluation(
         mlflow.log_artifact(str(root / EVAL_METRICS))
         for path in files:
             mlflow.log_artifact(str(path), artifact_path="evaluation")
+        log_manifest_input(test_rows, root / MANIFEST, "test")
+        mlflow.log_artifact(str(root / HEADLINE_METRICS))
+        _publish(params, run, meta, results)
         tags = {"evaluation_run_id": run.info.run_id, "gates_passed": str(summary["passed"]).lower()}
         tag_training_run(params, meta, tags)
         if failure is not None:
             raise failure
+
+
+def _verdict_name(summary: dict) -> str:
+    """``PASSED`` | ``gates FAILED (min_accuracy, beat_majority)`` (``; not enforced``)."""
+    if summary["passed"]:
+        return "PASSED"
+    failed = ", ".join(g for g, r in summary["gates"].items() if r["status"] == "FAIL")
+    return f"gates FAILED ({failed}{'' if summary['enforced'] else '; not enforced'})"
+
+
+def _publish(params: Params, run, meta: dict, report: dict) -> None:
+    """The verdict where a person looks first: the top of evaluation.md (with links to the
+    runs behind it) as the description of this run and of the pipeline run; on the
+    pipeline run, the headline metrics, ``failed_gates``, a name carrying the verdict, the
+    training values the model was trained with, and the training run even when an earlier
+    repro trained the model."""
+    store = client_for(params)
+    summary = report["summary"]
+    experiment = run.info.experiment_id
+    parent = run.data.tags.get("pipeline_run_id", "")
+    stage_runs = store.get_run(parent).data.tags if parent else {}
+    train_run = str(meta.get("mlflow_run_id") or "")
+    links = {stage: stage_runs.get(f"run.{stage}", "") for stage in ("prepare", "validate", "tune")}
+    links |= {"train (the model)": train_run, "evaluate": run.info.run_id}
+    if parent:
+        links["the pipeline run"] = parent
+    lines = [f"- {name}: [{rid[:8]}]({ui_fragment(experiment, rid)})" for name, rid in links.items() if rid]
+    description = eval_report.verdict_section(report["markdown"]) + "\n## Runs\n\n" + "\n".join(lines) + "\n"
+    failed = ",".join(g for g, r in summary["gates"].items() if r["status"] == "FAIL")
+    tags = {"failed_gates": failed, "gates_passed": str(summary["passed"]).lower(), "model_run_id": train_run}
+    if train_run:
+        with contextlib.suppress(MlflowException):  # a deleted training run: model.json still names it
+            tags["model_pipeline_run_id"] = store.get_run(train_run).data.tags.get("pipeline_run_id", "")
+    headline = {k: v for k, v in report["headline"].items() if k in eval_report.PIPELINE_HEADLINE}
+    publish_verdict(
+        store,
+        run.info.run_id,
+        verdict=_verdict_name(summary),
+        description=description,
+        metrics=headline,
+        tags=tags,
+    )
+    tuned = (meta.get("tuned") or {}).get("params") or {}
+    used = {k: meta[k] for k in ("beta", "lr", "inter_method") if k in meta} | tuned
+    origin = "model.json of the training run " + train_run + (" (tuned)" if tuned else "")
+    log_effective_train_params(store, run.info.run_id, used, origin)

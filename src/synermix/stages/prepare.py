@@ -6,11 +6,12 @@ import logging
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 
 from synermix.config import Params
 from synermix.data.prepare import prepare_dataset, write_summary
 from synermix.paths import MANIFEST, PREPARE_SUMMARY, PREPARED_DIR
-from synermix.tracking import flatten, mlflow_run
+from synermix.tracking import flatten, log_manifest_input, mlflow_run
 
 log = logging.getLogger(__name__)
 
@@ -49,3 +50,4 @@ def _log_prepare(params: Params, root: Path, summary: dict) -> None:
         mlflow.log_metrics({k: float(v) for k, v in counts.items()})
         mlflow.log_artifact(str(root / PREPARE_SUMMARY))
         mlflow.log_artifact(str(root / MANIFEST))
+        log_manifest_input(pd.read_csv(root / MANIFEST), root / MANIFEST, "prepared")

@@ -11,24 +11,34 @@ import pandas as pd
 import yaml
 from pydantic import ValidationError
 
-from synermix.config import Params, TrainParams
+from synermix.config import TUNABLE_TRAIN_KEYS, Params, TrainParams
+from synermix.curves import write_training_curves
 from synermix.data.datasets import infer_channels
 from synermix.errors import UserError
 from synermix.paths import (
     BEST_PARAMS,
+    MANIFEST,
     MODEL_DIR,
     PREPARED_DIR,
     TRAIN_CHECKPOINT,
+    TRAIN_FIGURES,
     TRAIN_HISTORY,
     TRAIN_METRICS,
 )
 from synermix.stages.common import train_val_rows
-from synermix.tracking import flatten, mlflow_run, tracking_uri
+from synermix.tracking import (
+    client_for,
+    flatten,
+    log_effective_train_params,
+    log_manifest_input,
+    mlflow_run,
+    tracking_uri,
+)
 from synermix.training import check_training_inputs, load_training_data, save_trained_model, train_model
 
 log = logging.getLogger(__name__)
 
-TUNABLE = ("beta", "lr", "weight_decay", "mixup_alpha", "inter_method")
+TUNABLE = TUNABLE_TRAIN_KEYS
 
 
 def apply_tuned(train: TrainParams, best_params: Path) -> tuple[TrainParams, dict]:
@@ -95,6 +105,12 @@ def run_train(params: Params, root: Path = Path(".")) -> dict:
         if tuned:
             mlflow.log_params({f"tuned.{k}": v for k, v in tuned["params"].items()})
             mlflow.set_tags({"tuned_by_study": tuned["study"], "tuned_best_trial": tuned["best_trial"]})
+        origin = f"tune study {tuned['study']}, trial {tuned['best_trial']}" if tuned else "params.yaml"
+        log_effective_train_params(
+            client_for(params), run.info.run_id, {k: getattr(train_params, k) for k in TUNABLE}, origin
+        )
+        log_manifest_input(train_rows, root / MANIFEST, "train")
+        log_manifest_input(val_rows, root / MANIFEST, "val")
         mlflow.log_params(
             {
                 "data.source": params.data.source,
@@ -134,6 +150,7 @@ def run_train(params: Params, root: Path = Path(".")) -> dict:
         history = pd.DataFrame(result.history)
         (root / TRAIN_HISTORY).parent.mkdir(parents=True, exist_ok=True)
         history.to_csv(root / TRAIN_HISTORY, index=False, lineterminator="\n", float_format="%.6g")
+        figures = write_training_curves(root / TRAIN_FIGURES["loss"].parent, history, meta["selected_epoch"])
         final = result.selected  # the kept epoch (train.keep), not necessarily the last
         majority = float(val_rows["label"].value_counts(normalize=True).max())
         metrics = {
@@ -158,6 +175,8 @@ def run_train(params: Params, root: Path = Path(".")) -> dict:
         )
         mlflow.log_artifacts(str(root / MODEL_DIR), artifact_path="model")
         mlflow.log_artifact(str(root / TRAIN_HISTORY))
+        for figure in figures:
+            mlflow.log_artifact(str(figure), artifact_path="plots")
         mlflow.set_tags({"weights_sha256": meta["weights_sha256"], "arch": meta["arch"]})
     log.info(
         "trained %s: val accuracy %.4f (majority class %.4f), macro recall %.4f; model in %s",

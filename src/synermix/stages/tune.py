@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,9 +61,9 @@ def _write_untuned(params: Params, root: Path) -> dict:
     (root / TUNE_METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
     (root / TUNE_REPORT).write_text(f"# Tuning\n\nNo search: {note}.\n")
     empty = pd.DataFrame(columns=["trial", "state", "value", "last_reported", "beta", "worker", "seconds"])
-    tune_report.write_tables(
-        root / TUNE_PLOTS_DIR, empty, pd.DataFrame(columns=["trial", "value", "best_so_far"]), {}
-    )
+    no_history = pd.DataFrame(columns=["trial", "value", "best_so_far"])
+    tune_report.write_tables(root / TUNE_PLOTS_DIR, empty, no_history, {})
+    tune_report.write_figures(root / TUNE_PLOTS_DIR, empty, no_history, {}, params.tune.objective)
     # the stage ran, so the repro's record holds it, saying why there was no search
     with mlflow_run(params, "tune", root, {"tuned": "false", "mlflow.note.content": f"No search: {note}."}):
         mlflow.log_artifact(str(root / BEST_PARAMS), artifact_path="tune")
@@ -353,10 +352,11 @@ def _write_tune_outputs(
     )
     (root / TUNE_REPORT).write_text(report)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        figures = tune_report.write_figures(Path(tmp), table, history, importances, tune.objective, reruns)
-        for figure in figures:
-            client.log_artifact(parent, str(figure), artifact_path="plots")
+    figures = tune_report.write_figures(
+        root / TUNE_PLOTS_DIR, table, history, importances, tune.objective, reruns
+    )
+    for figure in figures:
+        client.log_artifact(parent, str(figure), artifact_path="plots")
     for path in (*paths.values(), root / BEST_PARAMS, root / TUNE_REPORT):
         client.log_artifact(parent, str(path), artifact_path="tune")
     for key, value in metrics.items():
