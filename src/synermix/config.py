@@ -436,6 +436,9 @@ class EvaluateParams(_Section):
     max_listed_errors: Annotated[int, Field(ge=0)] = 20
     #: contact sheet and Grad-CAM overlays: the most confident escapes and overkills (each)
     contact_sheet_images: Annotated[int, Field(ge=1, le=64)] = 8
+    #: manifest columns to slice the test split by; auto: ELPV's cell_type, a photo folder's
+    #: meta.csv columns (synermix.slices)
+    slices: Literal["auto"] | list[str] = "auto"
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
 
@@ -481,6 +484,12 @@ class GateParams(_Section):
     max_review_rate: Fraction | None = 0.35
     #: the accuracy's 95 % lower bound must exceed the largest class's share of the test split
     beat_majority: bool = True
+    #: slices (evaluate.slices) with at least this many test images are gated
+    slice_min_images: Annotated[int, Field(ge=1)] = 30
+    #: the test accuracy minus that of the worst gated slice
+    max_slice_accuracy_gap: Fraction | None = 0.15
+    #: the escape rate of the worst gated slice (skipped without defect classes)
+    max_slice_escape_rate: Fraction | None = None
     champion: ChampionGate = Field(default_factory=ChampionGate)
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)

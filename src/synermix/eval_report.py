@@ -240,9 +240,10 @@ def render_markdown(
     calibration_bins: int,
     temperature: Mapping[str, Any] | None = None,
     decision: Any = None,
+    slices: pd.DataFrame | None = None,
 ) -> str:
-    """reports/evaluation.md: verdict, the line's rates, gates, champion, metrics, per class,
-    confusion, formulas."""
+    """reports/evaluation.md: verdict, the line's rates, gates, champion, slices, metrics, per
+    class, confusion, formulas."""
     failed = [g.gate for g in gates if g.passed is False]
     if passed:
         head = "PASSED: every gate is met"
@@ -293,6 +294,7 @@ def render_markdown(
             ]
     else:
         lines.append(champion.get("note", "No champion comparison."))
+    lines += ["", *slice_lines(slices)]
     lines += [
         "",
         "## Metrics" + (" (test; val for comparison)" if val else " (test)"),
@@ -366,6 +368,32 @@ def render_markdown(
         lines.append("None.")
     lines += ["", "## How the numbers are computed", "", *(f.format(bins=calibration_bins) for f in FORMULAS)]
     return "\n".join(lines) + "\n"
+
+
+def slice_lines(slices: pd.DataFrame | None) -> list[str]:
+    """The "Slices" section: one table row per slice value of each sliced manifest column."""
+    lines = ["## Slices (test split)", ""]
+    if slices is None or slices.empty:
+        return [
+            *lines,
+            "No slices: `evaluate.slices` found no manifest column to slice by (ELPV slices by "
+            "`cell_type`; a photo folder by the columns of its `meta.csv`).",
+        ]
+    lines += [
+        "| column | value | images | accuracy (95 % interval) | macro recall | escape | overkill |",
+        "|---|---|---:|---|---:|---:|---:|",
+    ]
+    for r in slices.itertuples(index=False):
+        accuracy = f"{_num(r.accuracy)} ({_num(r.accuracy_ci95_low)}-{_num(r.accuracy_ci95_high)})"
+        lines.append(
+            f"| {r.column} | {r.value} | {r.images} | {accuracy} | {_num(r.macro_recall)} | "
+            f"{_num(r.escape_rate)} | {_num(r.overkill_rate)} |"
+        )
+    lines += [
+        "",
+        "Every row is also in reports/evaluation/slices.csv; the slice gates are in the gate table.",
+    ]
+    return lines
 
 
 def _rate_cell(r: Mapping[str, Any]) -> str:

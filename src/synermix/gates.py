@@ -134,6 +134,49 @@ def majority_gate(metrics: Mapping[str, Any], gates: GateParams, class_names: Se
     )
 
 
+def slice_gates(
+    slices: Sequence[Mapping[str, Any]], accuracy: float | None, gates: GateParams
+) -> list[GateResult]:
+    """The slices' gates (:mod:`synermix.slices`): the gap between the test accuracy and that of
+    the worst slice, and the worst slice's escape rate, over slices with at least
+    ``gates.slice_min_images`` test images (smaller ones are reported, not gated)."""
+    big = [s for s in slices if s["images"] >= gates.slice_min_images]
+    size = f"slices of at least {gates.slice_min_images} test images"
+    out = []
+    specs = (
+        ("max_slice_accuracy_gap", "slice_accuracy_gap", "test accuracy minus the worst slice's accuracy"),
+        ("max_slice_escape_rate", "slice_escape_rate", "escape rate of the worst slice"),
+    )
+    for key, metric, about in specs:
+        threshold = getattr(gates, key)
+        if threshold is None:
+            out.append(GateResult(key, metric, "<=", None, None, None, about, "off (null in params)"))
+            continue
+        if metric == "slice_accuracy_gap":
+            scored = [(accuracy - s["accuracy"], s) for s in big if accuracy is not None]
+            label = "accuracy"
+        else:
+            scored = [(s["escape_rate"], s) for s in big if not _missing(s.get("escape_rate"))]
+            label = "escape"
+        if not scored:
+            why = f"no {size}" if not big else "no slice has defective parts (decision.defect_classes)"
+            out.append(GateResult(key, metric, "<=", threshold, None, None, about, why))
+            continue
+        observed, worst = max(scored, key=lambda pair: (pair[0], pair[1]["column"], pair[1]["value"]))
+        value = worst["accuracy"] if label == "accuracy" else worst["escape_rate"]
+        note = f"worst: {worst['column']}={worst['value']}, {label} {value:.4f} on {worst['images']} images"
+        out.append(
+            GateResult(
+                key, metric, "<=", threshold, observed, _compare(observed, "<=", threshold), about, note
+            )
+        )
+    return out
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def champion_gates(
     challenger: Mapping[str, Any],
     champion: Mapping[str, Any] | None,

@@ -25,6 +25,7 @@ PREPARE_SUMMARY = Path("reports/prepare.json")
 VALIDATION_JSON = Path("reports/validation.json")
 VALIDATION_MD = Path("reports/validation.md")
 QUARANTINE_CSV = Path("data/validated/quarantine.csv")
+VALIDATION_SAMPLES = Path("reports/validation/samples.png")  # shown in validation.md
 
 # --------------------------------------------------------------------------- tune
 TUNE_STATE_DIR = Path("checkpoints/tune")
@@ -77,6 +78,7 @@ EVAL_TABLES = {
     "per_class": EVAL_DIR / "per_class.csv",
     "calibration": EVAL_DIR / "calibration.csv",
     "contact_sheet": EVAL_DIR / "contact_sheet.csv",  # the images of the two figures below
+    "slices": EVAL_DIR / "slices.csv",  # the test split per value of each sliced manifest column
 }
 EVAL_FIGURES = {
     "confusion": EVAL_DIR / "confusion.png",
@@ -101,7 +103,7 @@ SHADOW_LOG = Path("reports/shadow.jsonl")  # serve.shadow_log: not a pipeline ou
 #: what each stage declares in dvc.yaml (outs, metrics and plots), held against it by a test
 STAGE_OUTPUTS: dict[str, tuple[Path, ...]] = {
     "prepare": (PREPARED_DIR, PREPARE_SUMMARY),
-    "validate": (QUARANTINE_CSV, VALIDATION_MD, VALIDATION_JSON),
+    "validate": (QUARANTINE_CSV, VALIDATION_MD, VALIDATION_JSON, VALIDATION_SAMPLES),
     "tune": (
         BEST_PARAMS,
         TUNE_STATE_DIR,

@@ -192,7 +192,71 @@ def _list_class_folders(root: Path) -> SourceListing:
             ", ".join(IMAGE_EXTENSIONS),
             ", ".join(skipped[:10]),
         )
-    return SourceListing(items=items, skipped=tuple(skipped), classes=tuple(p.name for p in class_dirs))
+    meta = root / META_CSV
+    if meta.is_file():
+        items, columns = _with_meta(items, meta)
+    else:
+        columns = ()
+    return SourceListing(
+        items=items, extra_columns=columns, skipped=tuple(skipped), classes=tuple(p.name for p in class_dirs)
+    )
+
+
+#: optional per-image columns of a photo folder (line, camera, shift...): manifest columns the
+#: evaluate stage slices the test split by
+META_CSV = "meta.csv"
+
+
+def _with_meta(items: list[SourceItem], meta: Path) -> tuple[list[SourceItem], tuple[str, ...]]:
+    """``items`` with the columns of ``meta`` (a CSV with a ``path`` column: the image's path
+    under the folder, e.g. ``crack/0001.png``); images it does not list get empty values."""
+    import csv
+
+    from synermix.data.manifest import BASE_COLUMNS
+
+    fix = f"fix {meta}: a CSV with a 'path' column (e.g. crack/0001.png) and one column per property"
+    try:
+        with meta.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            fields = [f.strip() for f in (reader.fieldnames or [])]
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise UserError(f"{meta} is not a readable CSV ({exc}); {fix}") from None
+    if "path" not in fields:
+        raise UserError(f"{meta} has no 'path' column (columns: {', '.join(fields) or 'none'}); {fix}")
+    columns = tuple(f for f in fields if f != "path")
+    clash = [c for c in columns if c in BASE_COLUMNS or not c]
+    if clash:
+        raise UserError(f"{meta}: column name(s) {clash} are taken by the manifest or empty; rename them")
+    by_path: dict[str, dict[str, str]] = {}
+    for row in rows:
+        key = str(row.get("path") or "").strip().replace("\\", "/")
+        if key in by_path:
+            raise UserError(f"{meta} lists '{key}' twice; keep one row per image")
+        by_path[key] = {c: str(row.get(c) or "").strip() for c in columns}
+    known = {item.source_path for item in items}
+    unmatched = sorted(set(by_path) - known)
+    if unmatched:
+        log.warning(
+            "%s: %d row(s) name no image in the folder (ignored): %s",
+            meta,
+            len(unmatched),
+            ", ".join(unmatched[:5]),
+        )
+    empty = dict.fromkeys(columns, "")
+    out = [
+        SourceItem(item.source_path, item.label, item.read, {**empty, **by_path.get(item.source_path, {})})
+        for item in items
+    ]
+    log.info(
+        "%s: %d column(s) (%s) for %d of %d images",
+        meta,
+        len(columns),
+        ", ".join(columns),
+        len(known & set(by_path)),
+        len(items),
+    )
+    return out, columns
 
 
 # --------------------------------------------------------------------------- Fashion-MNIST

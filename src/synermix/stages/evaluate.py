@@ -15,13 +15,13 @@ import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
-from synermix import eval_report, evidence, explain, registry
+from synermix import eval_report, evidence, explain, registry, slices
 from synermix import metrics as m
 from synermix.config import Params
 from synermix.data.transforms import Preprocessing
 from synermix.errors import CheckFailed, UserError
 from synermix.evaluation import json_safe, predictions_table, scalars_only, score_model, split_report
-from synermix.gates import champion_gates, format_table, threshold_gates, verdict
+from synermix.gates import champion_gates, format_table, slice_gates, threshold_gates, verdict
 from synermix.line_decision import fit_line_decision, write_decision
 from synermix.metrics import mcnemar_exact
 from synermix.paths import (
@@ -30,6 +30,7 @@ from synermix.paths import (
     EVAL_DIR,
     EVAL_METRICS,
     EVAL_REPORT,
+    EVAL_TABLES,
     HEADLINE_METRICS,
     MANIFEST,
     MODEL_DIR,
@@ -205,15 +206,22 @@ def run_evaluate(params: Params, root: Path = Path(".")) -> dict:
             "manifest_sha256": meta.get("manifest_sha256", ""),
         },
     )
+    predictions = predictions_table(test_scores, names, line.test_decisions, line.test_distances)
+    columns = slices.slice_columns(ev.slices, params.data.source_spec.kind, list(test_rows.columns))
+    by_slice = slices.slice_table(test_rows, predictions, columns, params.defect_classes)
     gates = threshold_gates(test, params.gates, names) + champion_gates(
         test, champion.get("metrics"), params.gates, champion.get("label", ""), champion.get("skip", "")
     )
+    gates += slice_gates(by_slice.to_dict("records"), test.get("accuracy"), params.gates)
     passed = verdict(gates)
     enforced = params.gates.enforce
 
-    predictions = predictions_table(test_scores, names, line.test_decisions, line.test_distances)
     out_dir = root / EVAL_DIR
     tables = eval_report.write_tables(out_dir, test, predictions)
+    by_slice.to_csv(
+        out_dir / EVAL_TABLES["slices"].name, index=False, lineterminator="\n", float_format="%.6g"
+    )
+    tables.append(out_dir / EVAL_TABLES["slices"].name)
     figures = eval_report.write_figures(
         out_dir,
         test,
@@ -233,6 +241,7 @@ def run_evaluate(params: Params, root: Path = Path(".")) -> dict:
         "val": scalars_only(val) if val else {},
         "calibration": json_safe(calibration),
         "decision": line.to_summary(),
+        "slices": json_safe(by_slice.to_dict("records")),
         "gates": {g.gate: json_safe({k: v for k, v in g.to_dict().items() if k != "gate"}) for g in gates},
         "champion": json_safe(
             {k: champion[k] for k in ("version", "alias", "metrics", "paired") if k in champion}
@@ -263,6 +272,7 @@ def run_evaluate(params: Params, root: Path = Path(".")) -> dict:
         calibration_bins=ev.calibration_bins,
         temperature=calibration,
         decision=line,
+        slices=by_slice,
     )
     (root / EVAL_REPORT).write_text(markdown)
     headline = eval_report.headline_metrics(test, val, passed, meta)
@@ -372,6 +382,11 @@ def _log_evaluation(
                     value = row[key]
                     if value is not None and not math.isnan(value):
                         values[f"{split}_{key}.{_metric_key(name)}"] = float(value)
+        for row in summary["slices"]:
+            for key in ("accuracy", "escape_rate", "overkill_rate"):
+                if row[key] is not None:
+                    name = _metric_key(f"{row['column']}.{row['value']}")
+                    values[f"test_slice_{key}.{name}"] = float(row[key])
         for gate, result in summary["gates"].items():
             if result["margin"] is not None:
                 values[f"gate_margin.{gate}"] = float(result["margin"])

@@ -10,9 +10,17 @@ import mlflow
 
 from synermix.config import Params
 from synermix.data.manifest import read_manifest
+from synermix.data.samples import pick_samples, usable_images, write_sample_grid
 from synermix.data.validation import render_markdown, validate_manifest
 from synermix.errors import CheckFailed
-from synermix.paths import MANIFEST, QUARANTINE_CSV, VALIDATION_JSON, VALIDATION_MD
+from synermix.paths import (
+    MANIFEST,
+    PREPARED_DIR,
+    QUARANTINE_CSV,
+    VALIDATION_JSON,
+    VALIDATION_MD,
+    VALIDATION_SAMPLES,
+)
 from synermix.tracking import flatten, mlflow_run
 
 log = logging.getLogger(__name__)
@@ -25,7 +33,12 @@ def run_validate(params: Params, root: Path = Path(".")):
     for path in (VALIDATION_JSON, VALIDATION_MD, QUARANTINE_CSV):
         (root / path).parent.mkdir(parents=True, exist_ok=True)
     (root / VALIDATION_JSON).write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
-    (root / VALIDATION_MD).write_text(render_markdown(report))
+    usable = usable_images(manifest, set(report.quarantine["source_path"]))
+    counts = usable["label"].value_counts().to_dict()
+    write_sample_grid(pick_samples(usable), root / PREPARED_DIR, counts, root / VALIDATION_SAMPLES)
+    link = VALIDATION_SAMPLES.relative_to(VALIDATION_MD.parent)
+    grid = f"\n## Samples per class\n\n![samples per class]({link})\n"
+    (root / VALIDATION_MD).write_text(render_markdown(report) + grid)
     report.quarantine.to_csv(root / QUARANTINE_CSV, index=False, lineterminator="\n")
     _log_validation(params, root, report)
     for r in report.results:
@@ -51,5 +64,5 @@ def _log_validation(params: Params, root: Path, report) -> None:
         counts["quarantined"] = len(report.quarantine)
         counts["validation_passed"] = int(report.passed)
         mlflow.log_metrics({k: float(v) for k, v in counts.items()})
-        for path in (VALIDATION_MD, VALIDATION_JSON, QUARANTINE_CSV):
+        for path in (VALIDATION_MD, VALIDATION_JSON, QUARANTINE_CSV, VALIDATION_SAMPLES):
             mlflow.log_artifact(str(root / path), artifact_path="validation")
