@@ -18,12 +18,15 @@ from synermix.errors import UserError
 from synermix.tuning import (
     ATTR_FAIL_REASON,
     ATTR_SURPLUS,
+    BASELINE,
     RERUN_PREFIX,
     BudgetState,
+    best_candidate,
     cap_train_rows,
     choose,
     counted_trials,
     is_counted,
+    margin_over_baseline,
     open_storage,
     rerun_seeds,
     rerun_top,
@@ -230,6 +233,50 @@ def test_top_k_rerun_chooses_on_the_mean_not_the_single_best(tmp_path):
     candidates = rerun_top(study, study.get_trials(), tune, 123, diverges)
     assert candidates[0].failed == 1 and candidates[0].values == [0.9, 0.95]
     assert choose(candidates).number == 1
+
+
+def test_params_yaml_values_are_kept_unless_beaten_beyond_the_seed_spread(tmp_path):
+    """The baseline (params.yaml's values) is trained on the trials' seed and the re-run seeds;
+    the best candidate replaces it only when its mean is more than one seed spread better."""
+    study = _injected_study(tmp_path, [0.90, 0.80, 0.70])
+    tune = parse_params({"tune": {"rerun_top_k": 2, "rerun_seeds": 2}}).tune
+    s1, s2 = rerun_seeds(123, 2)
+    noisy = {0: (0.80, 0.86), 1: (0.84, 0.78)}  # trial 0: mean 0.853, trial 1: 0.807
+
+    def rerun(values):
+        calls = []
+
+        def run(trial, seed):
+            calls.append((trial.number, seed, dict(trial.params)))
+            if trial.number == BASELINE:
+                return values[(123, s1, s2).index(seed)]
+            return noisy[trial.number][(s1, s2).index(seed)]
+
+        return run, calls
+
+    run, calls = rerun((0.84, 0.83, 0.85))  # baseline mean 0.84: 0.013 behind, spread ~0.04
+    candidates = rerun_top(study, study.get_trials(), tune, 123, run, baseline={"beta": 0.3})
+    assert [c.number for c in candidates] == [0, 1, BASELINE]
+    base = candidates[-1]
+    assert [r.seed for r in base.runs] == [123, s1, s2] and base.trial.params == {"beta": 0.3}
+    assert [c for c in calls if c[0] == BASELINE] == [(BASELINE, s, {"beta": 0.3}) for s in (123, s1, s2)]
+    gap, spread = margin_over_baseline(candidates)
+    assert gap == pytest.approx(np.mean([0.90, 0.80, 0.86]) - 0.84) and 0 < gap < spread
+    assert choose(candidates) is base  # a win smaller than the seed spread is noise
+    assert best_candidate(candidates).number == 0  # what the best mean alone would have taken
+
+    (tmp_path / "b").mkdir()
+    study = _injected_study(tmp_path / "b", [0.90, 0.80, 0.70])
+    run, _ = rerun((0.60, 0.62, 0.61))  # far behind: the search has found something
+    candidates = rerun_top(study, study.get_trials(), tune, 123, run, baseline={"beta": 0.3})
+    gap, spread = margin_over_baseline(candidates)
+    assert gap > spread and choose(candidates).number == 0
+    # stored like the re-runs: a second call trains nothing
+    again, calls = rerun((0.0, 0.0, 0.0))
+    assert rerun_top(study, study.get_trials(), tune, 123, again, baseline={"beta": 0.3}) == candidates
+    assert calls == []
+    # without a baseline the choice is the best mean, as before
+    assert choose([c for c in candidates if c.number != BASELINE]).number == 0
 
 
 def test_stored_reruns_are_resumed_not_redone(tmp_path):

@@ -340,6 +340,8 @@ class PrunerParams(_Section):
 
 #: the train.* keys the tune stage can set (one per search-space knob)
 TUNABLE_TRAIN_KEYS: tuple[str, ...] = tuple(SearchSpace.model_fields)
+#: tuning/best_params.yaml's best_trial when tune kept params.yaml's own values (keep_baseline)
+BASELINE_TRIAL = -1
 
 
 class TuneParams(_Section):
@@ -365,6 +367,10 @@ class TuneParams(_Section):
     #: rerun_seeds more seeds each, and choose the values with the best mean over the seeds
     rerun_top_k: Annotated[int, Field(ge=0, le=1000)] = 3
     rerun_seeds: Annotated[int, Field(le=100)] = 2
+    #: train params.yaml's own values of the searched knobs on the same seeds as the re-run
+    #: candidates, and keep them unless the best candidate's mean beats theirs by more than
+    #: one seed spread (needs re-runs: rerun_top_k >= 1)
+    keep_baseline: bool = True
     #: the search's own random source (sampler, trial seeds, the trial image cap, re-run
     #: seeds); null: the top-level seed. Another value re-runs the search on the same splits.
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = None

@@ -24,9 +24,11 @@ from synermix.tuning import (
     ATTR_RESUMED,
     ATTR_SURPLUS,
     ATTR_WORKER,
+    BASELINE,
     Candidate,
     choose,
     is_counted,
+    margin_over_baseline,
     seed_spread,
     state_name,
 )
@@ -170,7 +172,9 @@ def rerun_metrics(candidates: Sequence[Candidate], chosen: Candidate) -> dict[st
         "chosen_mean": round(chosen.mean, 6),
         "chosen_std": None if chosen.std is None else round(chosen.std, 6),
         "seed_spread": None if spread is None else round(spread, 6),
-        "rerun_candidates": len(candidates),
+        "rerun_candidates": sum(c.number != BASELINE for c in candidates),
+        "baseline_kept": None if margin_over_baseline(candidates) is None else chosen.number == BASELINE,
+        "margin_over_baseline": None if (m := margin_over_baseline(candidates)) is None else round(m[0], 6),
         "seeds_per_candidate": len(chosen.runs),
         "reruns_failed": sum(c.failed for c in candidates),
     }
@@ -276,8 +280,29 @@ def render_markdown(
 ) -> str:
     """tune.md. With ``candidates`` (re-runs), the headline is the chosen candidate and
     its mean over seeds, followed by a section on the seed spread."""
-    if candidates:
+    margin = margin_over_baseline(candidates) if candidates else None
+    if candidates and choose(candidates).number == BASELINE:
         chosen = choose(candidates)
+        gap, spread = margin
+        headline = [
+            "**Kept params.yaml's values** "
+            + ", ".join(f"`{k}` = {_fmt(v)}" for k, v in chosen.trial.params.items())
+            + f": mean **{chosen.mean:.4f}**"
+            + (f" ± {chosen.std:.4f}" if chosen.std is not None else "")
+            + f" over {len(chosen.values)} seeds. The best of the top {len(candidates) - 1} trials "
+            f"(re-run on the same seeds) is {gap:+.4f} against them, not more than one seed spread "
+            f"({spread:.4f}): at this trial budget the search cannot tell it from them, so train "
+            "keeps them (`tune.keep_baseline`). The single best trial was "
+            f"trial {metrics['best_trial']} ({metrics['best_value']:.4f}).",
+        ]
+    elif candidates:
+        chosen = choose(candidates)
+        beaten = (
+            f" It beats params.yaml's values (re-run on the same seeds) by {margin[0]:+.4f}, more "
+            f"than one seed spread ({margin[1]:.4f})."
+            if margin is not None
+            else ""
+        )
         headline = [
             f"**Chosen: trial {chosen.number}** with "
             + ", ".join(f"`{k}` = {_fmt(v)}" for k, v in chosen.trial.params.items())
@@ -285,7 +310,7 @@ def render_markdown(
             + (f" ± {chosen.std:.4f}" if chosen.std is not None else "")
             + f" over {len(chosen.values)} seeds (the best mean of the top {len(candidates)} trials, "
             f"each re-run with {len(chosen.runs) - 1} more seed(s)). The single best trial was "
-            f"trial {metrics['best_trial']} ({metrics['best_value']:.4f}).",
+            f"trial {metrics['best_trial']} ({metrics['best_value']:.4f}).{beaten}",
         ]
     else:
         headline = [
@@ -335,15 +360,23 @@ def _seed_section(candidates: Sequence[Candidate], objective: str) -> list[str]:
     lines = [
         "## Seed spread",
         "",
-        f"The top {len(candidates)} complete trials, each trained again with the same settings and "
-        f"{len(seeds) - 1} more seed(s); the choice is the best mean. Seed spread {spread_text}",
+        f"The top {sum(c.number != BASELINE for c in candidates)} complete trials, each trained again "
+        f"with the same settings and {len(seeds) - 1} more seed(s)"
+        + (
+            ", and params.yaml's own values on the same seeds; the best mean wins only when it beats "
+            "params.yaml's by more than one seed spread."
+            if any(c.number == BASELINE for c in candidates)
+            else "; the choice is the best mean."
+        )
+        + f" Seed spread {spread_text}",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
     ]
     for c in candidates:
         by_seed = {run.seed: run for run in c.runs}
-        cells = [f"**{c.number}** (chosen)" if c.number == chosen else str(c.number)]
+        label = "params.yaml" if c.number == BASELINE else str(c.number)
+        cells = [f"**{label}** (chosen)" if c.number == chosen else label]
         cells += [_fmt(c.trial.params.get(name)) for name in names]
         cells += [_fmt(by_seed[s].value) if by_seed[s].value is not None else "diverged" for s in seeds]
         cells += [_fmt(c.mean), _fmt(c.std), _fmt(c.min), _fmt(c.max)]

@@ -34,7 +34,7 @@ import os
 import socket
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,7 @@ from optuna.samplers import TPESampler
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from synermix.config import PrunerParams, SearchSpace, TrainParams, TuneParams
+from synermix.config import BASELINE_TRIAL, PrunerParams, SearchSpace, TrainParams, TuneParams
 from synermix.data.splits import class_rng
 from synermix.engine import TrainingDiverged
 from synermix.errors import UserError, first_line
@@ -590,13 +590,52 @@ class Candidate:
         return float(np.max(self.values))
 
 
-def choose(candidates: Sequence[Candidate]) -> Candidate:
+#: the trial number of the baseline candidate: params.yaml's own values of the searched knobs
+BASELINE = BASELINE_TRIAL
+
+
+@dataclass(frozen=True)
+class BaselineTrial:
+    """params.yaml's values of the searched knobs, re-run like a trial (it is no Optuna trial:
+    the search itself is left as it is)."""
+
+    params: dict[str, Any]
+    number: int = BASELINE
+    value: float | None = None
+
+
+def best_candidate(candidates: Sequence[Candidate]) -> Candidate:
     """The candidate with the best mean over its seeds (the lower trial number on a tie);
     one with a diverged run ranks after every candidate without one. Means equal to 12
     places tie (float sums of the same values in another order differ in the last bit)."""
     if not candidates:
         raise ValueError("no candidate to choose from")
     return max(candidates, key=lambda c: (c.failed == 0, round(c.mean, 12), -c.number))
+
+
+def choose(candidates: Sequence[Candidate]) -> Candidate:
+    """The values train gets. Without a baseline among ``candidates``: the best mean. With one
+    (:data:`BASELINE`, params.yaml's values on the same seeds): the best other candidate only
+    when its mean beats the baseline's by more than one seed spread (:func:`seed_spread`, over
+    every candidate), else the baseline: a difference the seeds alone make is not a finding."""
+    baseline = next((c for c in candidates if c.number == BASELINE), None)
+    others = [c for c in candidates if c.number != BASELINE]
+    if baseline is None or not others:
+        return best_candidate(candidates)
+    best = best_candidate(others)
+    if baseline.failed or not baseline.values:
+        return best
+    beats = best.failed == 0 and best.mean - baseline.mean > (seed_spread(candidates) or 0.0)
+    return best if beats else baseline
+
+
+def margin_over_baseline(candidates: Sequence[Candidate]) -> tuple[float, float] | None:
+    """(best other mean - baseline mean, seed spread) when a baseline was run, else None."""
+    baseline = next((c for c in candidates if c.number == BASELINE), None)
+    others = [c for c in candidates if c.number != BASELINE]
+    if baseline is None or not others or not baseline.values:
+        return None
+    return best_candidate(others).mean - baseline.mean, seed_spread(candidates) or 0.0
 
 
 def seed_spread(candidates: Sequence[Candidate]) -> float | None:
@@ -623,15 +662,23 @@ def stored_reruns(study: optuna.Study) -> dict[tuple[int, int], dict[str, Any]]:
     return found
 
 
+def baseline_values(train: Any, tune: TuneParams) -> dict[str, Any]:
+    """params.yaml's values (``train``) of the knobs ``tune`` searches."""
+    return {name: getattr(train, name) for name in tune.space.searched()}
+
+
 def rerun_top(
     study: optuna.Study,
     counted: Sequence[FrozenTrial],
     tune: TuneParams,
     seed: int,
     rerun: Callable[[FrozenTrial, int], float],
+    baseline: Mapping[str, Any] | None = None,
 ) -> list[Candidate]:
     """Re-run the ``tune.rerun_top_k`` best complete trials of ``counted`` with
-    ``tune.rerun_seeds`` more seeds each; [] when re-runs are off.
+    ``tune.rerun_seeds`` more seeds each; [] when re-runs are off. With ``baseline``
+    (params.yaml's values of the searched knobs) it is trained too, with the trials' own seed
+    and the same re-run seeds, and comes last as candidate :data:`BASELINE`.
 
     ``rerun(trial, seed)`` trains the trial's values with ``seed`` and returns the
     objective (:meth:`Tuner.rerun`). Each result is stored in the study as it finishes,
@@ -643,6 +690,9 @@ def rerun_top(
     seeds = rerun_seeds(seed, tune.rerun_seeds)
     stored = stored_reruns(study)
     pending = [(t, s) for t in top for s in seeds if (t.number, s) not in stored]
+    base = BaselineTrial(dict(baseline)) if baseline is not None and top else None
+    if base is not None:
+        pending += [(base, s) for s in (seed, *seeds) if (BASELINE, s) not in stored]
     if pending:
         log.info(
             "re-running the top %d trial(s) with %d more seed(s) each: %d run(s) of %d epochs to go, "
@@ -656,12 +706,12 @@ def rerun_top(
     for done, (trial, run_seed) in enumerate(pending, start=1):
         start = time.perf_counter()
         log.info(
-            "re-run %d/%d: trial %d (%s, value %.4f) with seed %d",
+            "re-run %d/%d: %s (%s%s) with seed %d",
             done,
             len(pending),
-            trial.number,
+            "params.yaml's values" if trial.number == BASELINE else f"trial {trial.number}",
             ", ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items()),
-            trial.value,
+            "" if trial.value is None else f", value {trial.value:.4f}",
             run_seed,
         )
         record: dict[str, Any] = {"params": dict(trial.params), "worker": worker_id()}
@@ -685,4 +735,13 @@ def rerun_top(
                 SeedRun(run_seed, None if value is None else float(value), index, record.get("fail_reason"))
             )
         candidates.append(Candidate(trial, tuple(runs)))
+    if base is not None:
+        runs = []
+        for index, run_seed in enumerate((seed, *seeds)):
+            record = stored[(BASELINE, run_seed)]
+            value = record.get("value")
+            runs.append(
+                SeedRun(run_seed, None if value is None else float(value), index, record.get("fail_reason"))
+            )
+        candidates.append(Candidate(base, tuple(runs)))  # type: ignore[arg-type]
     return candidates

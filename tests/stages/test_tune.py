@@ -199,7 +199,8 @@ def test_tune_reruns_the_top_trials_and_reports_the_seed_spread(project, monkeyp
     from synermix import tuning
 
     root, photos = project
-    params = tune_params(photos, n_trials=4, pruner={"kind": "none"})  # defaults: top 3, 2 more seeds
+    # defaults: top 3, 2 more seeds; the choice on the mean alone (the baseline: next test)
+    params = tune_params(photos, n_trials=4, pruner={"kind": "none"}, keep_baseline=False)
     seeds = rerun_seeds(params.seed, 2)
     real_train = tuning.train_model
     calls: list[tuple[int, bool]] = []  # (seed, is a re-run)
@@ -273,6 +274,55 @@ def test_tune_reruns_the_top_trials_and_reports_the_seed_spread(project, monkeyp
     calls.clear()
     assert run_tune(params, root) == metrics and calls == []
     assert yaml.safe_load((root / BEST_PARAMS).read_text()) == best
+
+
+def test_params_yaml_values_run_beside_the_top_trials_and_win_unless_beaten(project, monkeypatch):
+    """keep_baseline (the default): params.yaml's beta and lr train on the trials' seed and
+    the re-run seeds; train gets them unless the best mean beats theirs by more than the seed
+    spread, and every output says which way it went and by how much."""
+    from synermix import tuning
+
+    root, photos = project
+    params = tune_params(photos, n_trials=4, pruner={"kind": "none"})
+    seeds = [params.seed, *rerun_seeds(params.seed, 2)]
+    real_train = tuning.train_model
+    baseline_runs = []
+
+    def train_model(*args, **kwargs):
+        if kwargs.get("on_epoch_end") is None and (args[2].beta, args[2].lr) == (0.3, 0.05):
+            baseline_runs.append(args[3])
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(tuning, "train_model", train_model)
+    metrics = run_tune(params, root)
+    assert baseline_runs == seeds  # params.yaml's values on the same three seeds
+
+    reruns = pd.read_csv(root / TUNE_PLOTS_DIR / "reruns.csv")
+    base = reruns[reruns["trial"] == tuning.BASELINE]
+    assert base["seed"].tolist() == seeds and set(base["beta"]) == {0.3} and set(base["lr"]) == {0.05}
+    means = reruns.groupby("trial")["value"].mean()
+    others = means.drop(tuning.BASELINE)
+    best_other = max(others.index, key=lambda t: (round(others[t], 5), -t))
+    stds = reruns.groupby("trial")["value"].std(ddof=1)
+    spread = float(np.sqrt((stds**2).mean()))
+    gap = others[best_other] - means[tuning.BASELINE]
+    expected = best_other if gap > spread else tuning.BASELINE
+    best = yaml.safe_load((root / BEST_PARAMS).read_text())
+    assert best["best_trial"] == expected and metrics["chosen_trial"] == expected
+    assert metrics["baseline_kept"] is (expected == tuning.BASELINE)
+    assert metrics["margin_over_baseline"] == pytest.approx(gap, abs=1e-5)
+    assert metrics["seed_spread"] == pytest.approx(spread, abs=1e-5) and metrics["rerun_candidates"] == 3
+    verdict = "kept" if expected == tuning.BASELINE else "beaten"
+    assert f"params.yaml's values {verdict}: the best trial's mean is {gap:+.4f}" in best["chosen_on"]
+    report = (root / TUNE_REPORT).read_text()
+    assert "| **params.yaml** (chosen) |" in report or "| params.yaml |" in report
+    if expected == tuning.BASELINE:
+        assert "**Kept params.yaml's values**" in report and best["params"] == {"beta": 0.3, "lr": 0.05}
+        train_params, _ = apply_tuned(params.train, root / BEST_PARAMS)
+        assert (train_params.beta, train_params.lr) == (0.3, 0.05)
+    # stored: a second run trains nothing
+    baseline_runs.clear()
+    assert run_tune(params, root) == metrics and baseline_runs == []
 
 
 def test_disabled_tuning_leaves_train_params_as_written(project):
@@ -422,5 +472,6 @@ def test_tune_seed_reruns_the_search_on_the_same_splits(project, monkeypatch):
 
     monkeypatch.setattr(tuning, "train_model", train_model)
     run_tune(other, root)
-    assert seeds == [7, 7, *rerun_seeds(7, 1)]
+    # two trials, the re-run of the best, then params.yaml's values on the same two seeds
+    assert seeds == [7, 7, *rerun_seeds(7, 1), 7, *rerun_seeds(7, 1)]
     assert yaml.safe_load((root / BEST_PARAMS).read_text())["seeds"] == [7, *rerun_seeds(7, 1)]

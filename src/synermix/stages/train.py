@@ -11,7 +11,7 @@ import pandas as pd
 import yaml
 from pydantic import ValidationError
 
-from synermix.config import TUNABLE_TRAIN_KEYS, Params, TrainParams
+from synermix.config import BASELINE_TRIAL, TUNABLE_TRAIN_KEYS, Params, TrainParams
 from synermix.curves import write_training_curves
 from synermix.data.datasets import infer_channels
 from synermix.errors import UserError
@@ -84,6 +84,15 @@ def apply_tuned(train: TrainParams, best_params: Path) -> tuple[TrainParams, dic
     return merged, {"params": values, **origin}
 
 
+def _origin(tuned: dict) -> str:
+    """Where train's values of the tunable keys came from, for the pipeline run."""
+    if not tuned:
+        return "params.yaml"
+    if str(tuned["best_trial"]) == str(BASELINE_TRIAL):
+        return f"params.yaml (kept by tune study {tuned['study']}: no trial beat it beyond the seed spread)"
+    return f"tune study {tuned['study']}, trial {tuned['best_trial']}"
+
+
 def run_train(params: Params, root: Path = Path(".")) -> dict:
     """Train on the usable train split, validate on val, log to MLflow, write the model."""
     names, train_rows, val_rows, manifest_sha = train_val_rows(params, root)
@@ -105,7 +114,7 @@ def run_train(params: Params, root: Path = Path(".")) -> dict:
         if tuned:
             mlflow.log_params({f"tuned.{k}": v for k, v in tuned["params"].items()})
             mlflow.set_tags({"tuned_by_study": tuned["study"], "tuned_best_trial": tuned["best_trial"]})
-        origin = f"tune study {tuned['study']}, trial {tuned['best_trial']}" if tuned else "params.yaml"
+        origin = _origin(tuned)
         log_effective_train_params(
             client_for(params), run.info.run_id, {k: getattr(train_params, k) for k in TUNABLE}, origin
         )

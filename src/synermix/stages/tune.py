@@ -221,7 +221,8 @@ def run_tune(params: Params, root: Path = Path(".")) -> dict:
         state = done if complete else tuner.run([trial_logger], wait_for_others=True)
         _log_missing_trial_runs(study, client, experiment, parent, trial_logger)
         counted = tuning.counted_trials(study.get_trials(deepcopy=False), tune.n_trials)
-        candidates = tuning.rerun_top(study, counted, tune, params.tune_seed, tuner.rerun)
+        baseline = tuning.baseline_values(params.train, tune) if tune.keep_baseline else None
+        candidates = tuning.rerun_top(study, counted, tune, params.tune_seed, tuner.rerun, baseline)
         if not state.waiting and not state.running:  # no retry left to resume from a checkpoint
             shutil.rmtree(root / TUNE_TRIALS_DIR / name, ignore_errors=True)
         return _write_tune_outputs(
@@ -332,12 +333,21 @@ def _write_tune_outputs(
         pick = tuning.choose(candidates)
         chosen = pick.trial
         failed = f" ({pick.failed} diverged)" if pick.failed else ""
+        chosen_on = f"mean of {len(pick.values)} seeds{failed}"
+        margin = tuning.margin_over_baseline(candidates)
+        if margin is not None:
+            gap, spread = margin
+            verdict = "kept" if pick.number == tuning.BASELINE else "beaten"
+            chosen_on += (
+                f"; params.yaml's values {verdict}: the best trial's mean is {gap:+.4f} against "
+                f"theirs, seed spread {spread:.4f}"
+            )
         best_content = {
             "tuned": True,
             "study": name,
             "best_trial": pick.number,
             "params": dict(pick.trial.params),
-            "chosen_on": f"mean of {len(pick.values)} seeds{failed}",
+            "chosen_on": chosen_on,
             "mean": round(pick.mean, 6),
             "spread": None if pick.std is None else round(pick.std, 6),
             "seeds": [run.seed for run in pick.runs],
@@ -362,10 +372,11 @@ def _write_tune_outputs(
     for key, value in metrics.items():
         if value is not None:
             client.log_metric(parent, key, float(value))
-    for c in candidates:  # per re-run candidate, stepped by trial number
-        client.log_metric(parent, "rerun_mean", c.mean, step=c.number)
+    for c in candidates:  # per re-run candidate, stepped by trial number; the baseline apart
+        prefix = "baseline" if c.number == tuning.BASELINE else "rerun"
+        client.log_metric(parent, f"{prefix}_mean", c.mean, step=max(c.number, 0))
         if c.std is not None:
-            client.log_metric(parent, "rerun_std", c.std, step=c.number)
+            client.log_metric(parent, f"{prefix}_std", c.std, step=max(c.number, 0))
     for key, value in chosen.params.items():
         client.set_tag(parent, f"best.{key}", str(value))
     if candidates:
@@ -377,9 +388,11 @@ def _write_tune_outputs(
     )
     if candidates:
         log.info(
-            "chosen: trial %d (%s), mean %s %.4f over %d seeds (single best: trial %d, %.4f); "
+            "chosen: %s (%s), mean %s %.4f over %d seeds (single best: trial %d, %.4f); "
             "seed spread %s; %d of %d epochs run in trials (%s); values in %s",
-            metrics["chosen_trial"],
+            "params.yaml's values"
+            if metrics["chosen_trial"] == tuning.BASELINE
+            else f"trial {metrics['chosen_trial']}",
             described,
             tune.objective,
             metrics["chosen_mean"],
