@@ -36,7 +36,8 @@ from synermix.config import TrainParams, load_params  # noqa: E402
 from synermix.data.datasets import InspectionImages  # noqa: E402
 from synermix.data.manifest import MANIFEST_NAME, read_manifest, read_quarantine, usable_rows  # noqa: E402
 from synermix.engine import evaluate, select_device  # noqa: E402
-from synermix.paths import PREPARED_DIR, QUARANTINE_CSV, train_val_rows  # noqa: E402
+from synermix.paths import PREPARED_DIR, QUARANTINE_CSV  # noqa: E402
+from synermix.stages.common import train_val_rows  # noqa: E402
 from synermix.training import load_training_data, train_model  # noqa: E402
 
 log = logging.getLogger("recipe_study")
