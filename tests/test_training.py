@@ -81,6 +81,25 @@ def test_same_seed_same_metrics_on_cpu(prepared):
     assert comparable(a.history) == comparable(b.history)
 
 
+def test_the_stage_path_and_a_direct_call_train_the_same_weights(prepared):
+    """The train stage checks its inputs (which builds a model) before train_model; a direct
+    call (benchmarks, tests) has train_model check them. Both must give the same training:
+    a benchmark row with the stage's settings is the stage's result."""
+    from synermix.training import check_training_inputs
+
+    train, val = rows(prepared)
+    names = ["defective", "functional"]
+    params = TrainParams(**{**TRAIN, "epochs": 1})
+    direct = fit(train, val, prepared, names, params, seed=5)
+    init = check_training_inputs(params, names, 1)
+    staged = fit(train, val, prepared, names, params, seed=5, init=init)
+    assert comparable(direct.history) == comparable(staged.history)
+    for (name, a), b in zip(
+        direct.model.state_dict().items(), staged.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
 def test_kill_and_resume_gives_the_same_result(prepared, tmp_path):
     train, val = rows(prepared)
     params = TrainParams(**TRAIN)

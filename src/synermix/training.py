@@ -254,13 +254,14 @@ def train_model(
     ``train.keep: best`` the weights of the epoch with the highest ``train.select_metric``
     (the earliest on a tie) are the ones returned, else the last epoch's."""
     seeds = seeds_for(seed)
-    torch.manual_seed(seeds["torch"])
-    setup = select_device(params.device, params.amp, params.channels_last)
     train_set, val_set, pre = data.train_set, data.val_set, data.preprocessing
     channels = pre.channels
-
     if init is None:
+        # before seeding: the check builds a model (drawing from torch's generator), and the
+        # train stage runs it before calling here, so both give the same weights
         init = check_training_inputs(params, class_names, channels)
+    torch.manual_seed(seeds["torch"])
+    setup = select_device(params.device, params.amp, params.channels_last)
     balance = params.balance_power if params.sampling == "balanced" else None
     sampler = ClassPairBatchSampler(train_set.labels, params.batch_size, seeds["sampler"], balance)
     loader_generator = torch.Generator().manual_seed(seeds["loader"])
