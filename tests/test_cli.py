@@ -53,6 +53,14 @@ def test_params_shows_the_tuned_values_train_will_use_and_marks_them(tmp_path):
     assert "  momentum: 0.9\n" in out  # untouched keys stay unmarked
     assert yaml.safe_load(out)["train"]["beta"] == 0.47  # still YAML
 
+    # the tune stage kept params.yaml's values (keep_baseline): nothing is marked as tuned
+    (tmp_path / "tuning" / "best_params.yaml").write_text(
+        yaml.safe_dump({"tuned": True, "study": "s2", "best_trial": -1, "params": {"beta": 0.3, "lr": 0.05}})
+    )
+    kept = run_params(tmp_path).stdout
+    assert kept.startswith("# the tune stage kept params.yaml's values") and "# tuned" not in kept
+    assert "  beta: 0.3\n" in kept
+
     (tmp_path / "params.yaml").write_text("tune: {enabled: false}\ntrain: {method: erm, beta: 0.3}\n")
     off = run_params(tmp_path).stdout
     assert "  beta: 0.3\n" in off and "# tuned" not in off and not off.startswith("#")  # tune off: no overlay

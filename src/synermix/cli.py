@@ -75,6 +75,7 @@ class _Version(argparse.Action):
 def _params_in_force(params, root: Path) -> str:
     """params.yaml as the stages will use it: train.* with the tune stage's values overlaid,
     each marked with a comment naming the trial and the value params.yaml holds."""
+    from synermix.config import BASELINE_TRIAL
     from synermix.paths import BEST_PARAMS
     from synermix.stages.train import apply_tuned
 
@@ -83,7 +84,14 @@ def _params_in_force(params, root: Path) -> str:
     tuned: dict = {}
     if params.tune.enabled:
         merged, tuned = apply_tuned(params.train, root / BEST_PARAMS)
-        if tuned:
+        kept = bool(tuned) and str(tuned["best_trial"]) == str(BASELINE_TRIAL)
+        if kept:
+            tuned = {}  # the values are params.yaml's own: nothing to mark
+            head.append(
+                f"# the tune stage kept params.yaml's values of the searched keys ({BEST_PARAMS}: no "
+                "trial beat them by more than the seed spread); every value below is params.yaml's"
+            )
+        elif tuned:
             dumped["train"] = merged.model_dump(mode="json")
             head.append(
                 f"# train.{', train.'.join(tuned['params'])} come from {BEST_PARAMS} (the tune stage: "
