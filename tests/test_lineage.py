@@ -154,6 +154,7 @@ def test_stages_of_one_repro_share_a_pipeline_run(tmp_path, train_project, monke
         "validation/validation.md",
         "validation/validation.json",
         "validation/quarantine.csv",
+        "validation/samples.png",
     }
 
     # the next repro is another pipeline run; a stage run by hand belongs to none

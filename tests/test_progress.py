@@ -30,7 +30,8 @@ def test_heartbeat_to_a_file_and_the_elapsed_time(caplog, monkeypatch):
     lines = beats(caplog)
     assert len(lines) >= 2 and lines[0] == "stage train still running: 0s elapsed"
     messages = [r.getMessage() for r in caplog.records]
-    assert messages[0] == "stage train started" and messages[-1] == "stage train finished in 0s"
+    assert "stage train started" not in messages  # DEBUG: dvc already says "Running stage"
+    assert messages[-1] == "stage train finished in 0s"
 
 
 def test_no_heartbeat_on_a_terminal_and_a_failure_says_so(caplog, monkeypatch):
@@ -56,3 +57,12 @@ def test_heartbeat_interval_from_the_environment(monkeypatch):
     assert progress.heartbeat_seconds() == 0
     monkeypatch.setenv("SYNERMIX_HEARTBEAT_SECONDS", "soon")
     assert progress.heartbeat_seconds() == 60
+
+
+def test_bad_input_stays_one_line(caplog):
+    from synermix.errors import UserError
+
+    caplog.set_level(logging.INFO, logger="synermix.progress")
+    with pytest.raises(UserError), progress.stage_clock("prepare", stream=Terminal()):
+        raise UserError("data.source folder 'x' does not exist")
+    assert caplog.records == []

@@ -1,6 +1,6 @@
-"""A stage's clock: one line when it starts, one with its elapsed time when it ends, and a
-heartbeat line every minute while it runs with its output going to a file or a CI log
-(where a progress bar that redraws one line shows nothing for a five-minute epoch).
+"""A stage's clock: a line with its elapsed time when it ends, and a heartbeat line every
+minute while it runs with its output going to a file or a CI log (where a progress bar that
+redraws one line shows nothing for a five-minute epoch).
 
 The stage's start time is also what its MLflow run records as its start, so a run spans the
 stage's real work and not only the logging at its end.
@@ -15,6 +15,8 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+from synermix.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +55,12 @@ def heartbeat_seconds() -> float:
 @contextmanager
 def stage_clock(stage: str, stream=None) -> Iterator[None]:
     """Time one stage; beat every :func:`heartbeat_seconds` when ``stream`` (stderr) is not
-    a terminal. Ends with ``stage X finished in ...`` or ``stage X stopped after ...``."""
+    a terminal. Ends with ``stage X finished in ...``, or ``stage X stopped after ...`` when
+    it failed (not for a :class:`UserError`: bad input is one line, the error's)."""
     stream = stream if stream is not None else sys.stderr
     started = time.time()
     _started["at"] = started
-    log.info("stage %s started", stage)
+    log.debug("stage %s started", stage)  # dvc prints "Running stage"; bad input stays one line
     stop = threading.Event()
     beat_every = heartbeat_seconds()
     beating = None
@@ -71,9 +74,13 @@ def stage_clock(stage: str, stream=None) -> Iterator[None]:
         beating = threading.Thread(target=beat, name=f"heartbeat-{stage}", daemon=True)
         beating.start()
     finished = False
+    said = False  # a UserError is its own one-line message: no "stopped after" beside it
     try:
         yield
         finished = True
+    except UserError:
+        said = True
+        raise
     finally:
         stop.set()
         if beating is not None:
@@ -82,5 +89,5 @@ def stage_clock(stage: str, stream=None) -> Iterator[None]:
         took = elapsed_text(time.time() - started)
         if finished:
             log.info("stage %s finished in %s", stage, took)
-        else:
+        elif not said:
             log.warning("stage %s stopped after %s", stage, took)
