@@ -83,7 +83,14 @@ def test_tracking_and_registry_through_server(mlflow_server, tmp_path, monkeypat
     client = MlflowClient()
     assert client.tracking_uri == mlflow_server
 
-    # --- tracking: experiment, run, param, metric, artifact round trip
+    # --- tracking: experiment, run, param, metric, artifact round trip. set_experiment sets a
+    # process-wide active experiment (and MLFLOW_EXPERIMENT_ID): put both back afterwards, or
+    # a later test's stage run in another store is refused ("active experiment ID does not
+    # match")
+    import mlflow.tracking.fluent
+
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "")
     experiment = mlflow.set_experiment("server-smoke")
     assert experiment.artifact_location.startswith("mlflow-artifacts:/")
     notes = inputs / "notes.json"
