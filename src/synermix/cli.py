@@ -75,17 +75,15 @@ class _Version(argparse.Action):
 def _params_in_force(params, root: Path) -> str:
     """params.yaml as the stages will use it: train.* with the tune stage's values overlaid,
     each marked with a comment naming the trial and the value params.yaml holds."""
-    from synermix.config import BASELINE_TRIAL
     from synermix.paths import BEST_PARAMS
-    from synermix.stages.train import apply_tuned
+    from synermix.stages.train import apply_tuned, kept_baseline
 
     dumped = params.model_dump(mode="json", by_alias=True)
     head = []
     tuned: dict = {}
     if params.tune.enabled:
         merged, tuned = apply_tuned(params.train, root / BEST_PARAMS)
-        kept = bool(tuned) and str(tuned["best_trial"]) == str(BASELINE_TRIAL)
-        if kept:
+        if kept_baseline(tuned):
             tuned = {}  # the values are params.yaml's own: nothing to mark
             head.append(
                 f"# the tune stage kept params.yaml's values of the searched keys ({BEST_PARAMS}: no "

@@ -167,14 +167,15 @@ def rerun_table(candidates: Sequence[Candidate], names: Sequence[str]) -> pd.Dat
 def rerun_metrics(candidates: Sequence[Candidate], chosen: Candidate) -> dict[str, Any]:
     """tune.json's numbers on the re-runs: the choice and the seed-to-seed spread."""
     spread = seed_spread(candidates)
+    margin = margin_over_baseline(candidates)
     return {
         "chosen_trial": chosen.number,
         "chosen_mean": round(chosen.mean, 6),
         "chosen_std": None if chosen.std is None else round(chosen.std, 6),
         "seed_spread": None if spread is None else round(spread, 6),
         "rerun_candidates": sum(c.number != BASELINE for c in candidates),
-        "baseline_kept": None if margin_over_baseline(candidates) is None else chosen.number == BASELINE,
-        "margin_over_baseline": None if (m := margin_over_baseline(candidates)) is None else round(m[0], 6),
+        "baseline_kept": None if margin is None else chosen.number == BASELINE,
+        "margin_over_baseline": None if margin is None else round(margin[0], 6),
         "seeds_per_candidate": len(chosen.runs),
         "reruns_failed": sum(c.failed for c in candidates),
     }
@@ -281,8 +282,8 @@ def render_markdown(
     """tune.md. With ``candidates`` (re-runs), the headline is the chosen candidate and
     its mean over seeds, followed by a section on the seed spread."""
     margin = margin_over_baseline(candidates) if candidates else None
-    if candidates and choose(candidates).number == BASELINE:
-        chosen = choose(candidates)
+    chosen = choose(candidates) if candidates else None
+    if chosen is not None and chosen.number == BASELINE:
         gap, spread = margin
         headline = [
             "**Kept params.yaml's values** "
@@ -295,8 +296,7 @@ def render_markdown(
             "keeps them (`tune.keep_baseline`). The single best trial was "
             f"trial {metrics['best_trial']} ({metrics['best_value']:.4f}).",
         ]
-    elif candidates:
-        chosen = choose(candidates)
+    elif chosen is not None:
         beaten = (
             f" It beats params.yaml's values (re-run on the same seeds) by {margin[0]:+.4f}, more "
             f"than one seed spread ({margin[1]:.4f})."

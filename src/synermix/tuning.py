@@ -613,13 +613,18 @@ def best_candidate(candidates: Sequence[Candidate]) -> Candidate:
     return max(candidates, key=lambda c: (c.failed == 0, round(c.mean, 12), -c.number))
 
 
+def _split_baseline(candidates: Sequence[Candidate]) -> tuple[Candidate | None, list[Candidate]]:
+    """The baseline candidate (None without one) and the trials' candidates."""
+    baseline = next((c for c in candidates if c.number == BASELINE), None)
+    return baseline, [c for c in candidates if c.number != BASELINE]
+
+
 def choose(candidates: Sequence[Candidate]) -> Candidate:
     """The values train gets. Without a baseline among ``candidates``: the best mean. With one
     (:data:`BASELINE`, params.yaml's values on the same seeds): the best other candidate only
     when its mean beats the baseline's by more than one seed spread (:func:`seed_spread`, over
     every candidate), else the baseline: a difference the seeds alone make is not a finding."""
-    baseline = next((c for c in candidates if c.number == BASELINE), None)
-    others = [c for c in candidates if c.number != BASELINE]
+    baseline, others = _split_baseline(candidates)
     if baseline is None or not others:
         return best_candidate(candidates)
     best = best_candidate(others)
@@ -631,8 +636,7 @@ def choose(candidates: Sequence[Candidate]) -> Candidate:
 
 def margin_over_baseline(candidates: Sequence[Candidate]) -> tuple[float, float] | None:
     """(best other mean - baseline mean, seed spread) when a baseline was run, else None."""
-    baseline = next((c for c in candidates if c.number == BASELINE), None)
-    others = [c for c in candidates if c.number != BASELINE]
+    baseline, others = _split_baseline(candidates)
     if baseline is None or not others or not baseline.values:
         return None
     return best_candidate(others).mean - baseline.mean, seed_spread(candidates) or 0.0
@@ -725,23 +729,18 @@ def rerun_top(
         stored[(trial.number, run_seed)] = record
         if record["value"] is not None:
             log.info("re-run of trial %d with seed %d: %.4f", trial.number, run_seed, record["value"])
+
+    def stored_run(number: int, run_seed: int, index: int) -> SeedRun:
+        record = stored[(number, run_seed)]
+        value = record.get("value")
+        return SeedRun(run_seed, None if value is None else float(value), index, record.get("fail_reason"))
+
     candidates = []
     for trial in top:
         runs = [SeedRun(seed, float(trial.value), 0)]
-        for index, run_seed in enumerate(seeds, start=1):
-            record = stored[(trial.number, run_seed)]
-            value = record.get("value")
-            runs.append(
-                SeedRun(run_seed, None if value is None else float(value), index, record.get("fail_reason"))
-            )
+        runs += [stored_run(trial.number, s, i) for i, s in enumerate(seeds, start=1)]
         candidates.append(Candidate(trial, tuple(runs)))
-    if base is not None:
-        runs = []
-        for index, run_seed in enumerate((seed, *seeds)):
-            record = stored[(BASELINE, run_seed)]
-            value = record.get("value")
-            runs.append(
-                SeedRun(run_seed, None if value is None else float(value), index, record.get("fail_reason"))
-            )
+    if base is not None:  # its run 0 is a stored run too: the baseline is no Optuna trial
+        runs = [stored_run(BASELINE, s, i) for i, s in enumerate((seed, *seeds))]
         candidates.append(Candidate(base, tuple(runs)))  # type: ignore[arg-type]
     return candidates

@@ -355,7 +355,7 @@ def _log_evaluation(
         "weights_sha256": meta["weights_sha256"],
         "gates_passed": str(summary["passed"]).lower(),
         # which gates failed, by name: what `synermix status` and the MLflow UI show first
-        "failed_gates": ",".join(g for g, r in summary["gates"].items() if r["status"] == "FAIL"),
+        "failed_gates": ",".join(_failed_gates(summary)),
         "champion_version": str(summary["champion"].get("version", "")),
     }
     with mlflow_run(params, "evaluate", root, tags) as run:
@@ -408,11 +408,16 @@ def _log_evaluation(
             raise failure
 
 
+def _failed_gates(summary: dict) -> list[str]:
+    """The names of the gates that failed, in the gate table's order."""
+    return [g for g, r in summary["gates"].items() if r["status"] == "FAIL"]
+
+
 def _verdict_name(summary: dict) -> str:
     """``PASSED`` | ``gates FAILED (min_accuracy, beat_majority)`` (``; not enforced``)."""
     if summary["passed"]:
         return "PASSED"
-    failed = ", ".join(g for g, r in summary["gates"].items() if r["status"] == "FAIL")
+    failed = ", ".join(_failed_gates(summary))
     return f"gates FAILED ({failed}{'' if summary['enforced'] else '; not enforced'})"
 
 
@@ -434,7 +439,7 @@ def _publish(params: Params, run, meta: dict, report: dict) -> None:
         links["the pipeline run"] = parent
     lines = [f"- {name}: [{rid[:8]}]({ui_fragment(experiment, rid)})" for name, rid in links.items() if rid]
     description = eval_report.verdict_section(report["markdown"]) + "\n## Runs\n\n" + "\n".join(lines) + "\n"
-    failed = ",".join(g for g, r in summary["gates"].items() if r["status"] == "FAIL")
+    failed = ",".join(_failed_gates(summary))
     tags = {"failed_gates": failed, "gates_passed": str(summary["passed"]).lower(), "model_run_id": train_run}
     if train_run:
         with contextlib.suppress(MlflowException):  # a deleted training run: model.json still names it

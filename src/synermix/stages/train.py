@@ -38,8 +38,6 @@ from synermix.training import check_training_inputs, load_training_data, save_tr
 
 log = logging.getLogger(__name__)
 
-TUNABLE = TUNABLE_TRAIN_KEYS
-
 
 def apply_tuned(train: TrainParams, best_params: Path) -> tuple[TrainParams, dict]:
     """train.* with the values the tune stage chose, and what it chose ({} when none).
@@ -59,11 +57,11 @@ def apply_tuned(train: TrainParams, best_params: Path) -> tuple[TrainParams, dic
     if not tuned.get("tuned"):
         return train, {}
     values = tuned.get("params") or {}
-    unknown = sorted(set(values) - set(TUNABLE))
+    unknown = sorted(set(values) - set(TUNABLE_TRAIN_KEYS))
     if unknown:
         raise UserError(
             f"{best_params}: cannot set train.{', train.'.join(unknown)}; tuning sets only "
-            f"{', '.join(TUNABLE)}. Rerun the tune stage (dvc repro)"
+            f"{', '.join(TUNABLE_TRAIN_KEYS)}. Rerun the tune stage (dvc repro)"
         )
     try:
         merged = TrainParams.model_validate({**train.model_dump(), **values})
@@ -84,11 +82,16 @@ def apply_tuned(train: TrainParams, best_params: Path) -> tuple[TrainParams, dic
     return merged, {"params": values, **origin}
 
 
+def kept_baseline(tuned: dict) -> bool:
+    """Whether the tune stage kept params.yaml's own values (``tuned`` from :func:`apply_tuned`)."""
+    return bool(tuned) and str(tuned["best_trial"]) == str(BASELINE_TRIAL)
+
+
 def _origin(tuned: dict) -> str:
     """Where train's values of the tunable keys came from, for the pipeline run."""
     if not tuned:
         return "params.yaml"
-    if str(tuned["best_trial"]) == str(BASELINE_TRIAL):
+    if kept_baseline(tuned):
         return f"params.yaml (kept by tune study {tuned['study']}: no trial beat it beyond the seed spread)"
     return f"tune study {tuned['study']}, trial {tuned['best_trial']}"
 
@@ -115,9 +118,8 @@ def run_train(params: Params, root: Path = Path(".")) -> dict:
             mlflow.log_params({f"tuned.{k}": v for k, v in tuned["params"].items()})
             mlflow.set_tags({"tuned_by_study": tuned["study"], "tuned_best_trial": tuned["best_trial"]})
         origin = _origin(tuned)
-        log_effective_train_params(
-            client_for(params), run.info.run_id, {k: getattr(train_params, k) for k in TUNABLE}, origin
-        )
+        used = {k: getattr(train_params, k) for k in TUNABLE_TRAIN_KEYS}
+        log_effective_train_params(client_for(params), run.info.run_id, used, origin)
         log_manifest_input(train_rows, root / MANIFEST, "train")
         log_manifest_input(val_rows, root / MANIFEST, "val")
         mlflow.log_params(
