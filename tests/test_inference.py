@@ -382,7 +382,7 @@ def test_decision_and_unknown_distance_travel_in_the_onnx_file(tmp_path):
         "weights_sha256": "cd" * 32,
     }
     decision = {"operating_point": point.to_dict(), "unknown_above": threshold}
-    wrapped = ox.WithDistance(net, 1.7, novelty_module(novelty)).eval()
+    wrapped = ox.LineModel(net, 1.7, novelty_module(novelty)).eval()
     path = tmp_path / "model.onnx"
     ox.export_onnx(
         wrapped,

@@ -16,8 +16,9 @@ from synermix.errors import CheckFailed, UserError
 from synermix.paths import REGISTER_REPORT
 from synermix.stages.evaluate import run_evaluate
 from synermix.stages.register import run_register
+from synermix.tracking import client
 
-from .helpers.registry import LAX, build_project, rollout_flow
+from .helpers.registry import LAX, build_project, pilot_folder, rollout_flow
 
 # trains a model, starts a server or shells out (make test-unit leaves these out)
 pytestmark = pytest.mark.integration
@@ -200,3 +201,41 @@ def test_rollout_commands_print_tables_and_one_line_errors(fake_registry, tmp_pa
         "pass",
         "FAIL",
     ]
+
+
+def test_register_records_golden_scores_that_the_service_checks_a_version_against(tmp_path, train_project):
+    from synermix.serve import ServeSettings, Service
+    from synermix.watch import GOLDEN_TAGS, recorded_golden
+
+    golden = pilot_folder(tmp_path / "line", {"crack": 3, "ok": 2, "scratch": 2}, seed=7000)
+    params, _, uri = build_project(tmp_path, train_project, golden_set=str(golden))
+    summary = run_register(params, tmp_path)
+    name = params.registry.model_name
+    tags = client(uri).get_model_version(name, summary["version"]).tags
+    assert (
+        tags[GOLDEN_TAGS["images"]] == "7"
+        and tags[GOLDEN_TAGS["run_id"]] == summary["runs"]["register_run_id"]
+    )
+    assert summary["golden"]["images"] == 7
+
+    recorded, note = recorded_golden({"name": name, "version": summary["version"]}, uri)
+    assert note == "" and len(recorded["probabilities"]) == 7
+    # the service, following the alias, checks the version against those scores before serving it
+    settings = ServeSettings(
+        model=f"models:/{name}@candidate", provider="cpu", poll_seconds=0, tracking_uri=uri, golden_set=golden
+    )
+    service = Service(settings)
+    service.start()
+    try:
+        checked = service.primary.current.about["golden"]
+    finally:
+        service.stop()
+    assert checked["passed"] and checked["compared_with_registration"] == 7
+    assert checked["max_probability_difference"] <= 1e-5
+    assert checked["accuracy"] == pytest.approx(summary["golden"]["accuracy"])
+
+    # a golden folder with a class the model does not know stops the stage with one line
+    (golden / "stain").mkdir()
+    (golden / "stain" / "a.png").write_bytes((golden / "ok" / "line000.png").read_bytes())
+    with pytest.raises(UserError, match=r"registry\.golden_set .* does not know"):
+        run_register(params, tmp_path)

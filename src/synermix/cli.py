@@ -200,6 +200,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _rollout_parsers(sub)
     _serve_parser(sub)
+    _monitor_parser(sub)
     predict = sub.add_parser(
         "predict",
         help="classify image files or folders with an exported ONNX model (CSV or JSON out)",
@@ -384,6 +385,69 @@ def _serve_parser(sub) -> None:
     )
 
 
+def _monitor_parser(sub) -> None:
+    monitor = sub.add_parser(
+        "monitor",
+        help="drift check: is the line still seeing what the model was trained on? (monitor: in params.yaml)",
+        description="Compare the newest served images (the service's serve.records log) or folders of "
+        "images with the reference profile stored in the model: image statistics (KS), prediction mix "
+        "(chi-square), features (MMD permutation test), per-class centroid shift and cohesion, for all "
+        "records and per camera / line. Writes verdict.json, report.md, report.html and plots to "
+        "monitor.out and an MLflow run; exit 1 with --fail-on-drift when an alarm is raised.",
+    )
+    monitor.add_argument(
+        "--model", help="bundle folder, .onnx file or models:/<name>@<alias> (default: serve.model)"
+    )
+    monitor.add_argument(
+        "--records",
+        type=Path,
+        action="append",
+        metavar="PATH",
+        help="record file or folder (default: serve.records)",
+    )
+    monitor.add_argument(
+        "--images",
+        type=Path,
+        action="append",
+        metavar="PATH",
+        help="image files or folders run through the model instead",
+    )
+    monitor.add_argument("--window", type=int, help="newest records checked (default: monitor.window)")
+    monitor.add_argument("--out", type=Path, help="report folder (default: monitor.out)")
+    monitor.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow run")
+    monitor.add_argument("--fail-on-drift", action="store_true", help="exit 1 when the window drifted")
+
+
+def _monitor(args: argparse.Namespace, params) -> int:
+    from synermix.errors import UserError
+    from synermix.monitor import run_monitor
+
+    if args.records and args.images:
+        raise UserError("give --records or --images, not both")
+    if args.window is not None and args.window < params.monitor.min_records:
+        raise UserError(
+            f"--window {args.window}: give at least monitor.min_records ({params.monitor.min_records})"
+        )
+    records = args.records or ([] if args.images else [Path(params.serve.records or "")])
+    if not args.images and not params.serve.records and not args.records:
+        raise UserError("serve.records is null: give --records <file> or --images <folder>")
+    out = args.out or Path(params.monitor.out)
+    verdict = run_monitor(
+        params,
+        args.model or params.serve.model,
+        records,
+        args.images or [],
+        out,
+        args.window,
+        _store_uri(params),
+        not args.no_mlflow,
+    )
+    head = "DRIFT: " + "; ".join(verdict["alarms"]) if verdict["drift"] else "no drift detected"
+    tested = f"{verdict['records']} records, {verdict['tests']} tests at p < {verdict['threshold']:.3g}"
+    _say(f"{head} ({tested}); report: {out / 'report.md'}")
+    return 1 if verdict["drift"] and args.fail_on_drift else 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     """``synermix serve``: params.yaml's serve section (when present), overridden by flags."""
     from synermix.config import ServeParams
@@ -410,7 +474,9 @@ def _serve(args: argparse.Namespace) -> int:
         from synermix.tracking import require_store
 
         require_store(store or os.environ.get("MLFLOW_TRACKING_URI") or "")
-    run(ServeSettings.from_params(values, token=token, tracking_uri=store))
+    monitor = params.monitor if params else None
+    seed = params.seed if params else 0
+    run(ServeSettings.from_params(values, token=token, tracking_uri=store, monitor=monitor, seed=seed))
     return 0
 
 
@@ -613,6 +679,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     params = load_params(Path(args.params))
     if args.command in ("promote", "rollback", "pilot-eval", "status", "bundle"):
         return _rollout(args, params)
+    if args.command == "monitor":
+        return _monitor(args, params)
     if args.command == "params":
         print(_params_in_force(params, Path(".")), end="")
     elif args.command == "check-data":

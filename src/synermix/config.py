@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from synermix.choices import ARCHITECTURES, DEVICES, INTER_METHODS, MAX_PIXELS, METHODS, PROVIDERS
 from synermix.errors import UserError
-from synermix.paths import MLFLOW_DB, ONNX_MODEL, PARAMS_FILE, SHADOW_LOG
+from synermix.paths import MLFLOW_DB, MONITOR_DIR, ONNX_MODEL, PARAMS_FILE, SERVE_RECORDS, SHADOW_LOG
 
 Severity = Literal["error", "warning", "off"]
 
@@ -594,6 +594,10 @@ class ExportParams(_Section):
     int8: bool = False
     calibration_images: Annotated[int, Field(ge=1, le=100_000)] = 256
     max_accuracy_drop: Fraction = 0.01
+    #: the graph's monitoring embedding (penultimate features on this many principal
+    #: directions of the training images') and the reference profile built from it, which
+    #: drift monitoring needs (docs/monitor.md); 0: neither
+    embedding_dims: Annotated[int, Field(ge=0, le=256)] = 16
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
 
@@ -631,6 +635,10 @@ class RegistryParams(_Section):
     model_name: str = "synermix"
     #: the register stage also gives a new version the pilot alias (not only candidate)
     auto_pilot: bool = False
+    #: a <class>/<image> folder of the line's trusted images: the register stage scores it
+    #: with the version and records the scores with it, which the service compares a model
+    #: with before swapping it in (serve.golden_set); null: none recorded
+    golden_set: str | None = None
     production_gates: ProductionGates = Field(default_factory=ProductionGates)
     #: an alias move waits at most this long for another one to finish; a lock older than
     #: stale_lock_seconds was left by a crashed command and is broken
@@ -687,8 +695,61 @@ class ServeParams(_Section):
     #: Host header names served (port ignored); null: loopback names when bound to loopback,
     #: any name otherwise (set it when exposed: it stops DNS-rebinding pages); ["*"]: any
     allowed_hosts: list[Annotated[str, Field(min_length=1, max_length=255)]] | None = None
+    #: one JSON line per served image for drift monitoring (synermix monitor), or null; the
+    #: file rotates at records_max_mb into records_keep older copies: at most
+    #: (records_keep + 1) x records_max_mb on disk
+    records: str | None = str(SERVE_RECORDS)
+    records_max_mb: Annotated[float, Field(gt=0, le=100_000, allow_inf_nan=False)] = 32.0
+    records_keep: Annotated[int, Field(ge=0, le=1000)] = 4
+    #: the live drift gauges (/metrics) are recomputed over the last monitor.window records
+    #: after every this many records; 0: no live gauges
+    monitor_every: Annotated[int, Field(ge=0, le=1_000_000)] = 50
+    #: a folder of <class>/<image> the line trusts: every new model scores it before it is
+    #: swapped in, and is refused (the old one keeps serving) below golden_min_accuracy, more
+    #: than golden_max_drop under the serving model, or with probabilities more than
+    #: golden_tolerance from those recorded when the version was registered; null: no check
+    golden_set: str | None = None
+    golden_min_accuracy: Fraction | None = None
+    golden_max_drop: Fraction | None = 0.02
+    golden_tolerance: Fraction = 0.02
+    #: images to label: review-band answers, unknown parts and shadow disagreements are saved
+    #: under <folder>/<predicted class>/ (at most review_per_class_per_day per class and day,
+    #: each image once); null: none kept
+    review_dir: str | None = None
+    review_per_class_per_day: Annotated[int, Field(ge=1, le=1_000_000)] = 100
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class MonitorParams(_Section):
+    """Drift monitoring (``synermix monitor`` and the service's live gauges, docs/monitor.md)."""
+
+    #: family-wise significance: an unchanged line raises a false alarm in at most this share
+    #: of windows (Bonferroni over every test of every slice)
+    alpha: Annotated[float, Field(gt=0, lt=1)] = 0.05
+    #: an image statistic alarms only when its shift also matters: a population stability
+    #: index of at least this (0.1: the usual "moderate shift" line; 0: any significant shift)
+    min_psi: Annotated[float, Field(ge=0, le=10)] = 0.1
+    #: the newest records checked, and the fewest a check accepts (also per slice)
+    window: Annotated[int, Field(ge=10, le=1_000_000)] = 200
+    min_records: Annotated[int, Field(ge=10, le=1_000_000)] = 50
+    #: permutations of the feature (MMD) test; its smallest p-value is 1 / (permutations + 1)
+    permutations: Annotated[int, Field(ge=19, le=100_000)] = 500
+    #: a predicted class needs this many window images for its centroid shift and cohesion
+    min_class_images: Annotated[int, Field(ge=2, le=100_000)] = 20
+    #: record slice keys tested on their own too (from X-Camera-Id / X-Line-Id)
+    slice_by: list[Literal["camera", "line"]] = Field(default_factory=lambda: ["camera", "line"])
+    #: report folder and MLflow experiment of synermix monitor
+    out: str = str(MONITOR_DIR)
+    experiment: str = "synermix-monitor"
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+    @model_validator(mode="after")
+    def _window_holds_minimum(self) -> MonitorParams:
+        if self.min_records > self.window:
+            raise ValueError(f"min_records ({self.min_records}) is larger than window ({self.window})")
+        return self
 
 
 class MlflowParams(_Section):
@@ -735,6 +796,7 @@ class Params(_Section):
     export: ExportParams = Field(default_factory=ExportParams)
     registry: RegistryParams = Field(default_factory=RegistryParams)
     serve: ServeParams = Field(default_factory=ServeParams)
+    monitor: MonitorParams = Field(default_factory=MonitorParams)
     mlflow: MlflowParams = Field(default_factory=MlflowParams)
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)

@@ -132,18 +132,33 @@ class Preprocessor:
 
     def pixels(self, data: bytes) -> np.ndarray:
         """uint8 ``H x W x C`` pixels the model sees (before normalisation)."""
+        return self._decode(data)[0]
+
+    def _decode(self, data: bytes) -> tuple[np.ndarray, int, int]:
         # a prediction needs the pixels only: no statistics or pixel hash (manifest fields)
         decoded = inspect_image(data, self.max_pixels, describe=False, reserve=self.reserve)
         if not decoded.decodable or decoded.image is None:
             raise BadImage(decoded.error)
         image = decoded.image
+        width, height = image.size
         if self.info.prepare_image_size:
             image = resize_shorter_side(image, int(self.info.prepare_image_size))
-        return fit_square(image, self.info.image_size, self.info.channels)
+        return fit_square(image, self.info.image_size, self.info.channels), width, height
+
+    def normalise(self, pixels: np.ndarray) -> np.ndarray:
+        chw = pixels.transpose(2, 0, 1).astype(np.float32)
+        return (chw / np.float32(255.0) - self.mean) / self.std
 
     def __call__(self, data: bytes) -> np.ndarray:
-        chw = self.pixels(data).transpose(2, 0, 1).astype(np.float32)
-        return (chw / np.float32(255.0) - self.mean) / self.std
+        return self.normalise(self.pixels(data))
+
+    def with_statistics(self, data: bytes) -> tuple[np.ndarray, dict[str, float]]:
+        """The model input and the image's drift statistics (:func:`synermix.drift.image_statistics`:
+        of the pixels the model sees, and the decoded width and height)."""
+        from synermix.drift import image_statistics
+
+        pixels, width, height = self._decode(data)
+        return self.normalise(pixels), image_statistics(pixels, width, height)
 
 
 def _gpu_present() -> bool:
@@ -252,6 +267,8 @@ class Classifier:
         self.input_type = self.session.get_inputs()[0].type  # tensor(float) or tensor(float16)
         outputs = [o.name for o in self.session.get_outputs()]
         self.output_names = [outputs[0]] + (["distance"] if "distance" in outputs[1:] else [])
+        #: the monitoring embedding output (synermix.drift), when the graph has one
+        self.embedding_name = "embedding" if "embedding" in outputs[1:] else None
         if self.info.unknown_above is not None and len(self.output_names) < 2:
             raise ValueError(
                 f"{self.path.name}: its metadata sets an unknown-part threshold but the graph has no "
@@ -296,6 +313,17 @@ class Classifier:
         out = self.session.run(self.output_names, {self.input_name: batch})
         logits = np.asarray(out[0], dtype=np.float64)
         return logits, (np.asarray(out[1], dtype=np.float64) if len(out) > 1 else None)
+
+    def all_outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(logits ``N x K``, distance ``N`` or None, embedding ``N x k`` or None) from one run."""
+        if self.embedding_name is None:
+            return (*self.outputs(batch), None)
+        if self.input_type == "tensor(float16)":
+            batch = batch.astype(np.float16)
+        out = self.session.run([*self.output_names, self.embedding_name], {self.input_name: batch})
+        logits = np.asarray(out[0], dtype=np.float64)
+        distance = np.asarray(out[1], dtype=np.float64) if len(out) > 2 else None
+        return logits, distance, np.asarray(out[-1], dtype=np.float64)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Model outputs (calibrated logits) for a float32 ``N x C x H x W`` batch."""

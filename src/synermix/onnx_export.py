@@ -100,40 +100,80 @@ def set_metadata(proto: onnx.ModelProto, metadata: dict[str, str]) -> None:
         entry.key, entry.value = key, value
 
 
-class TemperatureScaled(torch.nn.Module):
-    """``net(x) / T``: what is exported, so the ONNX graph itself outputs calibrated logits
-    (their softmax is the calibrated probabilities) for every consumer of the file."""
-
-    def __init__(self, net: torch.nn.Module, temperature: float) -> None:
-        super().__init__()
-        self.net = net
-        self.register_buffer("inverse_temperature", torch.tensor(1.0 / float(temperature)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x) * self.inverse_temperature
+#: third output when the model carries the monitoring projection: the penultimate features
+#: in a fixed low-dimensional projection, what drift monitoring compares (synermix.drift)
+EMBEDDING_NAME = "embedding"
 
 
-class WithDistance(torch.nn.Module):
-    """``(net.classifier(f) / T, distance(f))`` with ``f`` the penultimate features: the
-    calibrated logits and the unknown-part distance (:mod:`synermix.novelty`) from one pass."""
+class LineModel(torch.nn.Module):
+    """What is exported: ``net.classifier(f) / T`` with ``f`` the penultimate features, so the
+    graph itself outputs calibrated logits (their softmax is the calibrated probabilities)
+    for every consumer of the file; with ``distance`` also the unknown-part distance
+    (:mod:`synermix.novelty`) and with ``projection`` the monitoring embedding
+    (:class:`Projection`), all from one pass. ``output_names`` lists them in order."""
 
-    def __init__(self, net: torch.nn.Module, temperature: float, distance: torch.nn.Module) -> None:
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        temperature: float = 1.0,
+        distance: torch.nn.Module | None = None,
+        projection: torch.nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.net = net
         self.distance = distance
+        self.projection = projection
         self.register_buffer("inverse_temperature", torch.tensor(1.0 / float(temperature)))
+        self.output_names = (
+            [OUTPUT_NAME]
+            + ([DISTANCE_NAME] if distance is not None else [])
+            + ([EMBEDDING_NAME] if projection is not None else [])
+        )
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         f = self.net.features(x)
-        return self.net.classifier(f) * self.inverse_temperature, self.distance(f)
+        out = [self.net.classifier(f) * self.inverse_temperature]
+        if self.distance is not None:
+            out.append(self.distance(f))
+        if self.projection is not None:
+            out.append(self.projection(f))
+        return out[0] if len(out) == 1 else tuple(out)
 
 
-def model_outputs(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(logits, distance or None) of a model that returns logits or both."""
+class Projection(torch.nn.Module):
+    """Penultimate features (N x D) -> ``(f - mean) @ basis`` (N x k): the top principal
+    directions of the training images' features (:func:`fit_projection`)."""
+
+    def __init__(self, mean: np.ndarray, basis: np.ndarray) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
+        self.register_buffer("basis", torch.tensor(basis, dtype=torch.float32))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return (features - self.mean) @ self.basis
+
+
+def fit_projection(features: np.ndarray, dims: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mean D, basis D x k) of the top ``k = min(dims, D, n - 1)`` principal directions of
+    ``features`` (N x D), each direction's sign fixed (largest entry positive) so the same
+    features always give the same projection."""
+    f = np.asarray(features, dtype=np.float64)
+    mean = f.mean(axis=0)
+    k = max(1, min(dims, f.shape[1], len(f) - 1))
+    _, _, vt = np.linalg.svd(f - mean, full_matrices=False)
+    basis = vt[:k].T.copy()
+    signs = np.sign(basis[np.abs(basis).argmax(axis=0), np.arange(k)])
+    basis *= np.where(signs == 0, 1.0, signs)
+    return mean, basis
+
+
+def named_outputs(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The outputs of a model that returns logits or a tuple (see :class:`LineModel`), by name."""
     out = model(x)
-    if isinstance(out, tuple):
-        return out[0], out[1]
-    return out, None
+    if not isinstance(out, tuple):
+        return {OUTPUT_NAME: out}
+    names = getattr(model, "output_names", [OUTPUT_NAME, DISTANCE_NAME, EMBEDDING_NAME])
+    return dict(zip(names, out, strict=False))
 
 
 def export_onnx(
@@ -146,11 +186,11 @@ def export_onnx(
     metadata: dict[str, str],
 ) -> onnx.ModelProto:
     """Write ``model`` to ``path`` as one ONNX file with a dynamic batch axis; check it.
-    A model that returns (logits, distance) gets the two outputs ``logits`` and ``distance``."""
+    A :class:`LineModel` gets the outputs its ``output_names`` lists (logits first)."""
     model = model.cpu().eval()
     example = torch.zeros(2, channels, image_size, image_size)
     with torch.no_grad():
-        outputs = [OUTPUT_NAME, DISTANCE_NAME] if isinstance(model(example), tuple) else [OUTPUT_NAME]
+        outputs = list(named_outputs(model, example))
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "model.onnx"
@@ -202,6 +242,8 @@ class Parity:
     preprocessing_max_abs_diff: float
     #: the unknown-part distance: largest |difference| / max(1, distance); None without one
     distance_max_rel_diff: float | None = None
+    #: the monitoring embedding: largest |difference| / max(1, |value|); None without one
+    embedding_max_rel_diff: float | None = None
 
     def passed(self, tolerance: float) -> bool:
         """Logits within ``tolerance``, every top-1 equal, the distance within ``tolerance``
@@ -212,6 +254,7 @@ class Parity:
             and self.top1_agreement == 1.0
             and self.preprocessing_max_abs_diff <= tolerance
             and (self.distance_max_rel_diff is None or self.distance_max_rel_diff <= tolerance)
+            and (self.embedding_max_rel_diff is None or self.embedding_max_rel_diff <= tolerance)
         )
 
     def to_dict(self) -> dict[str, float | None]:
@@ -222,6 +265,7 @@ class Parity:
             "top1_agreement": self.top1_agreement,
             "preprocessing_max_abs_diff": self.preprocessing_max_abs_diff,
             "distance_max_rel_diff": self.distance_max_rel_diff,
+            "embedding_max_rel_diff": self.embedding_max_rel_diff,
         }
 
 
@@ -245,28 +289,39 @@ def check_parity(
     pre_diff = float(
         max((np.abs(inputs[i] - t.numpy()).max() for i, t in enumerate(training_view)), default=0.0)
     )
-    diffs, agree, distance_diffs = [], 0, []
+    diffs, agree = [], 0
+    relative: dict[str, list[np.ndarray]] = {DISTANCE_NAME: [], EMBEDDING_NAME: []}
     for start in range(0, len(inputs), batch_size):
         batch = inputs[start : start + batch_size]
-        expected, expected_distance = model_outputs(model, torch.from_numpy(batch))
-        expected = expected.double().numpy()
-        got, got_distance = classifier.outputs(batch)
-        diffs.append(np.abs(got - expected))
-        agree += int((got.argmax(1) == expected.argmax(1)).sum())
-        if (expected_distance is None) != (got_distance is None):
-            raise ValueError("the ONNX model and the PyTorch model disagree on having a distance output")
-        if expected_distance is not None:
-            ref = expected_distance.double().numpy()
-            distance_diffs.append(np.abs(got_distance - ref) / np.maximum(1.0, np.abs(ref)))
+        expected = {k: v.double().numpy() for k, v in named_outputs(model, torch.from_numpy(batch)).items()}
+        got = dict(
+            zip((OUTPUT_NAME, DISTANCE_NAME, EMBEDDING_NAME), classifier.all_outputs(batch), strict=True)
+        )
+        diffs.append(np.abs(got[OUTPUT_NAME] - expected[OUTPUT_NAME]))
+        agree += int((got[OUTPUT_NAME].argmax(1) == expected[OUTPUT_NAME].argmax(1)).sum())
+        for name, rows in relative.items():
+            if (expected.get(name) is None) != (got[name] is None):
+                raise ValueError(f"the ONNX model and the PyTorch model disagree on having a {name} output")
+            if got[name] is not None:
+                ref = expected[name]
+                rows.append((np.abs(got[name] - ref) / np.maximum(1.0, np.abs(ref))).reshape(-1))
     diff = np.concatenate(diffs) if diffs else np.zeros((0, 1))
-    rel = np.concatenate(distance_diffs) if distance_diffs else None
+
+    def largest(name: str) -> float | None:
+        rows = relative[name]
+        if not rows:
+            return None
+        values = np.concatenate(rows)
+        return float(values.max()) if values.size else 0.0
+
     return Parity(
         images=len(inputs),
         max_abs_diff=float(diff.max()) if diff.size else 0.0,
         mean_abs_diff=float(diff.mean()) if diff.size else 0.0,
         top1_agreement=agree / max(len(inputs), 1),
         preprocessing_max_abs_diff=pre_diff,
-        distance_max_rel_diff=None if rel is None else (float(rel.max()) if rel.size else 0.0),
+        distance_max_rel_diff=largest(DISTANCE_NAME),
+        embedding_max_rel_diff=largest(EMBEDDING_NAME),
     )
 
 

@@ -99,6 +99,12 @@ REGISTER_REPORT = Path("reports/register.json")
 
 # --------------------------------------------------------------------------- serve
 SHADOW_LOG = Path("reports/shadow.jsonl")  # serve.shadow_log: not a pipeline output
+#: serve.records: one JSON line per served image (drift monitoring), rotated; not a pipeline output
+SERVE_RECORDS = Path("logs/serve/records.jsonl")
+
+# --------------------------------------------------------------------------- monitor
+#: `synermix monitor`'s report folder (monitor.out); not a pipeline output
+MONITOR_DIR = Path("reports/monitor")
 
 #: what each stage declares in dvc.yaml (outs, metrics and plots), held against it by a test
 STAGE_OUTPUTS: dict[str, tuple[Path, ...]] = {
@@ -126,7 +132,7 @@ STAGE_OUTPUTS: dict[str, tuple[Path, ...]] = {
     "register": (REGISTER_REPORT,),
 }
 #: paths here that no stage declares: the project's own files and what the service writes
-NOT_STAGE_OUTPUTS = (PARAMS_FILE, DVC_YAML, DVC_LOCK, MLFLOW_DB, SHADOW_LOG)
+NOT_STAGE_OUTPUTS = (PARAMS_FILE, DVC_YAML, DVC_LOCK, MLFLOW_DB, SHADOW_LOG, SERVE_RECORDS, MONITOR_DIR)
 
 
 def variant_model(name: str) -> Path:

@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 from fastapi import Request
 
-from synermix.config import ServeParams
+from synermix.config import MonitorParams, ServeParams
 from synermix.data.images import decode_bytes
 from synermix.errors import UserError
 from synermix.inference import DEFAULT_MAX_PIXELS, BadImage, Classifier
@@ -95,10 +95,31 @@ class ServeSettings:
     #: Host header names accepted (port ignored); None: loopback names when bound to a
     #: loopback address, else any; ("*",): any
     allowed_hosts: tuple[str, ...] | None = None
+    #: drift monitoring: the record log (None: none), its cap, the live check's cadence and
+    #: settings (synermix.config.MonitorParams; None: the defaults)
+    records: Path | None = None
+    records_max_bytes: int = 32 * 2**20
+    records_keep: int = 4
+    monitor_every: int = 50
+    monitor: Any = None
+    seed: int = 0
+    #: the golden set every new model must pass (None: no check)
+    golden_set: Path | None = None
+    golden_min_accuracy: float | None = None
+    golden_max_drop: float | None = 0.02
+    golden_tolerance: float = 0.02
+    #: review queue folder (None: none kept)
+    review_dir: Path | None = None
+    review_per_class_per_day: int = 100
 
     @classmethod
     def from_params(
-        cls, serve: ServeParams, token: str | None = None, tracking_uri: str | None = None
+        cls,
+        serve: ServeParams,
+        token: str | None = None,
+        tracking_uri: str | None = None,
+        monitor: MonitorParams | None = None,
+        seed: int = 0,
     ) -> ServeSettings:
         return cls(
             model=serve.model,
@@ -122,6 +143,18 @@ class ServeSettings:
             idle_timeout=serve.idle_timeout_s,
             max_connections=serve.max_connections,
             allowed_hosts=tuple(serve.allowed_hosts) if serve.allowed_hosts is not None else None,
+            records=Path(serve.records) if serve.records else None,
+            records_max_bytes=int(serve.records_max_mb * 2**20),
+            records_keep=serve.records_keep,
+            monitor_every=serve.monitor_every,
+            monitor=monitor,
+            seed=seed,
+            golden_set=Path(serve.golden_set) if serve.golden_set else None,
+            golden_min_accuracy=serve.golden_min_accuracy,
+            golden_max_drop=serve.golden_max_drop,
+            golden_tolerance=serve.golden_tolerance,
+            review_dir=Path(serve.review_dir) if serve.review_dir else None,
+            review_per_class_per_day=serve.review_per_class_per_day,
         )
 
     def host_names(self) -> frozenset[str] | None:
@@ -226,15 +259,21 @@ class MicroBatcher:
 
     def _answer(self, batch: list) -> None:
         try:
-            logits, distances = self.classifier.outputs(np.stack([x for x, _ in batch]))
+            logits, distances, embeddings = self.classifier.all_outputs(np.stack([x for x, _ in batch]))
             probabilities = softmax(logits)
         except Exception as exc:  # a failed run fails its requests, not the thread
             for _, future in batch:
                 future.set_exception(exc)
             return
         for i, ((_, future), p) in enumerate(zip(batch, probabilities, strict=True)):
-            # (calibrated probabilities, feature distance or nan)
-            future.set_result((p, math.nan if distances is None else float(distances[i])))
+            # (calibrated probabilities, feature distance or nan, monitoring embedding or None)
+            future.set_result(
+                (
+                    p,
+                    math.nan if distances is None else float(distances[i]),
+                    None if embeddings is None else embeddings[i],
+                )
+            )
         if self.on_batch:
             self.on_batch(len(batch))
 
@@ -251,6 +290,9 @@ class LoadedModel:
     tmp: tempfile.TemporaryDirectory | None = None
     inflight: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: the reference profile stored in the model (None: no drift monitoring, see profile_note)
+    profile: Any = None
+    profile_note: str = ""
 
     def close(self) -> None:
         self.batcher.close()
@@ -306,8 +348,25 @@ def load_model(
     }
     log.info("loaded %s (%s) on %s", spec, about.get("version") or about["sha256"][:12], classifier.provider)
     classifier.preprocess.reserve = budget.reserve if budget is not None else None
+    profile, note = _profile(classifier, spec)
+    about["monitoring"] = {"profile": profile is not None, "note": note}
     batcher = MicroBatcher(classifier, settings.max_batch, on_batch)
-    return LoadedModel(spec, classifier, batcher, before, about, tmp)
+    return LoadedModel(spec, classifier, batcher, before, about, tmp, profile=profile, profile_note=note)
+
+
+def _profile(classifier: Classifier, spec: str) -> tuple[Any, str]:
+    """The model's reference profile, or None and why (drift monitoring then stays off)."""
+    from synermix.profile import profile_from_metadata
+
+    if classifier.embedding_name is None:
+        return None, "the model has no embedding output (exported before monitoring): no drift monitoring"
+    try:
+        profile = profile_from_metadata(classifier.session.get_modelmeta().custom_metadata_map, spec)
+    except ValueError as exc:
+        return None, f"{exc}: no drift monitoring"
+    if profile.class_names != classifier.class_names:
+        return None, "its profile names other classes than the model: no drift monitoring"
+    return profile, ""
 
 
 class ModelSlot:
@@ -323,12 +382,15 @@ class ModelSlot:
         metrics: Metrics,
         role: str,
         budget: DecodeBudget | None = None,
+        golden: Any = None,
     ) -> None:
         self.spec = spec
         self.settings = settings
         self.metrics = metrics
         self.role = role
         self.budget = budget
+        #: the golden set (synermix.watch.GoldenSet) a model must pass before it serves here
+        self.golden = golden
         self.current: LoadedModel | None = None
         self.last_error = ""
         #: why the model served now failed at inference (not ready until a run succeeds)
@@ -342,11 +404,34 @@ class ModelSlot:
             self.metrics.batch_size.observe(size)
 
         model = load_model(self.spec, self.settings, observe, self.budget)
+        if self.golden is not None:
+            try:
+                self._golden_check(model)
+            except BaseException:
+                model.close()
+                raise
         old, self.current = self.current, model
         self.failing = ""
         self.metrics.set_model(self.role, model.about)
         if old is not None:
             threading.Thread(target=self._retire, args=(old,), daemon=True).start()
+
+    def _golden_check(self, model: LoadedModel) -> None:
+        """Score the golden set with ``model`` before it may serve (GoldenRefused when not)."""
+        from synermix.watch import recorded_golden
+
+        recorded, note = recorded_golden(model.about, self.settings.tracking_uri)
+        serving = None if self.current is None else self.current.about.get("golden", {}).get("accuracy")
+        try:
+            result = self.golden.check(model.classifier, serving, recorded)
+        finally:
+            if "accuracy" in self.golden.last:
+                self.metrics.golden_accuracy.labels(self.role, "candidate").set(self.golden.last["accuracy"])
+        if note:
+            result["recorded"] = note
+        model.about["golden"] = result
+        self.metrics.golden_accuracy.labels(self.role, "serving").set(result["accuracy"])
+        log.info("golden set passed: accuracy %.4f on %d images", result["accuracy"], result["images"])
 
     @contextmanager
     def use(self) -> Iterator[LoadedModel]:
@@ -386,11 +471,14 @@ class ModelSlot:
         try:
             self.load()
         except Exception as exc:  # keep serving the old model
+            from synermix.watch import GoldenRefused
+
             first, most = self.RETRY_SECONDS
             delay = min(most, refused[2] * 2) if refused is not None and now == refused[0] else first
             self.last_error = f"{datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ} {exc} (tried again in {delay:g} s)"
             self._refused = (now, time.monotonic() + delay, delay)
-            self.metrics.reloads.labels(self.role, "failed").inc()
+            result = "refused_golden" if isinstance(exc, GoldenRefused) else "failed"
+            self.metrics.reloads.labels(self.role, result).inc()
             log.error("%s model not swapped, still serving the old one: %s", self.role, exc)
             return False
         self.last_error = ""
@@ -447,6 +535,28 @@ class Metrics:
         )
         self.reloads = Counter("synermix_model_reloads", "Model swaps", ["role", "result"], registry=r)
         self.shadow = Counter("synermix_shadow_comparisons", "Shadow model results", ["agree"], registry=r)
+        self.golden_accuracy = Gauge(
+            "synermix_golden_accuracy",
+            "Accuracy on the golden set (serving: the model serving now; candidate: the last one checked)",
+            ["role", "model"],
+            registry=r,
+        )
+        self.records = Counter("synermix_monitor_records", "Monitoring records", ["result"], registry=r)
+        self.review = Counter("synermix_review_images", "Review-queue offers", ["result"], registry=r)
+        self.drift_alarm = Gauge(
+            "synermix_drift_alarm", "1 when the last live drift check raised an alarm", registry=r
+        )
+        self.drift_p = Gauge(
+            "synermix_drift_p_value",
+            "p-value of each test of the last live drift check",
+            ["slice", "test"],
+            registry=r,
+        )
+        self.drift_records = Gauge(
+            "synermix_drift_window_records", "Records in the last live check", registry=r
+        )
+        self.drift_checks = Counter("synermix_drift_checks", "Live drift checks run", registry=r)
+
         self._served: dict[str, tuple[str, ...]] = {}
         self.model = Gauge(
             "synermix_model_info",
@@ -454,6 +564,16 @@ class Metrics:
             ["role", "version", "alias", "sha256", "provider"],
             registry=r,
         )
+
+    def set_drift(self, verdict: dict[str, Any]) -> None:
+        """The gauges of one live drift verdict (series of slices no longer present go)."""
+        self.drift_p.clear()
+        for s in verdict["slices"]:
+            for t in s["tests"]:
+                self.drift_p.labels(s["slice"], t["test"]).set(t["p_value"])
+        self.drift_alarm.set(1.0 if verdict["drift"] else 0.0)
+        self.drift_records.set(verdict["records"])
+        self.drift_checks.inc()
 
     def set_model(self, role: str, about: dict[str, Any]) -> None:
         """One series per role: the model served now (the replaced one's series goes)."""
@@ -489,10 +609,48 @@ class Service:
     """The models, metrics and shadow of one running service."""
 
     def __init__(self, settings: ServeSettings) -> None:
+        from synermix.watch import GoldenSet, LiveDrift, ReviewQueue
+
         self.settings = settings
         self.metrics = Metrics()
         self.budget = DecodeBudget(settings.decode_memory_bytes)
-        self.primary = ModelSlot(settings.model, settings, self.metrics, "primary", self.budget)
+        golden = (
+            GoldenSet(
+                settings.golden_set,
+                settings.golden_min_accuracy,
+                settings.golden_max_drop,
+                settings.golden_tolerance,
+            )
+            if settings.golden_set is not None
+            else None
+        )
+        self.primary = ModelSlot(settings.model, settings, self.metrics, "primary", self.budget, golden)
+        self.records = None
+        if settings.records is not None:
+            from synermix.monitor import RecordLog
+
+            self.records = RecordLog(
+                settings.records,
+                settings.records_max_bytes,
+                settings.records_keep,
+                on_drop=self.metrics.records.labels("dropped").inc,
+                on_write=self.metrics.records.labels("written").inc,
+            )
+        self.live = LiveDrift(
+            settings.monitor or MonitorParams(), settings.monitor_every, self.metrics.set_drift, settings.seed
+        )
+        self.review = (
+            ReviewQueue(
+                settings.review_dir,
+                settings.review_per_class_per_day,
+                on_result=lambda r: self.metrics.review.labels(r).inc(),
+            )
+            if settings.review_dir is not None
+            else None
+        )
+        #: review-queue writes: off the request path, bounded (skipped, not queued, past it)
+        self._review_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="review")
+        self._review_room = threading.BoundedSemaphore(64)
         self.shadow = (
             ModelSlot(settings.shadow, settings, self.metrics, "shadow", self.budget)
             if settings.shadow
@@ -516,17 +674,32 @@ class Service:
 
     def stop(self) -> None:
         self._shadow_pool.shutdown(wait=False, cancel_futures=True)
+        self._review_pool.shutdown(wait=True)
+        if self.records is not None:
+            self.records.close()
         self.primary.stop()
         if self.shadow is not None:
             self.shadow.stop()
 
-    async def classify(self, name: str, data: bytes) -> tuple[dict, dict]:
-        """One image -> (the prediction row, the model's description); BadImage when unreadable."""
+    @property
+    def monitoring(self) -> bool:
+        """Whether requests are recorded (a record log, or the live drift check)."""
+        return self.records is not None or self.settings.monitor_every > 0
+
+    async def classify(
+        self, name: str, data: bytes, slices: dict[str, str] | None = None
+    ) -> tuple[dict, dict]:
+        """One image -> (the prediction row, the model's description); BadImage when unreadable.
+        ``slices``: the request's slice keys (camera, line) for its monitoring record."""
         from starlette.concurrency import run_in_threadpool
 
         with self.primary.use() as model:
+            watched = self.monitoring and model.profile is not None
             try:
-                x = await run_in_threadpool(model.classifier.preprocess, data)
+                if watched:
+                    x, stats = await run_in_threadpool(model.classifier.preprocess.with_statistics, data)
+                else:
+                    x, stats = await run_in_threadpool(model.classifier.preprocess, data), None
             except (BadImage, Busy) as exc:
                 if isinstance(exc, BadImage):
                     self.metrics.bad_images.inc()
@@ -535,7 +708,7 @@ class Service:
                 self.metrics.bad_images.inc()
                 raise BadImage(f"not a readable image ({type(exc).__name__}: {exc})") from None
             try:
-                probabilities, distance = await asyncio.wrap_future(model.batcher.submit(x))
+                probabilities, distance, embedding = await asyncio.wrap_future(model.batcher.submit(x))
             except Exception as exc:  # the model, not the image: not ready until a run succeeds
                 reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 if model is self.primary.current:
@@ -547,6 +720,11 @@ class Service:
             result = model.classifier.result(name, probabilities, self.settings.abstain, distance)
             about = model.about
             row = result.to_row(model.classifier.class_names)
+            profile = model.profile
+        if watched:
+            self._record(result, stats, embedding, about, slices or {}, profile)
+        if result.decision in ("review", "unknown") or result.status == "abstain":
+            self._to_review(data, result, about, result.decision or "abstain")
         self.metrics.predictions.labels("primary", result.label).inc()
         self.metrics.decisions.labels("primary", result.decision or "none", result.label).inc()
         if result.status == "abstain":
@@ -557,6 +735,45 @@ class Service:
             else:
                 self.metrics.shadow.labels("skipped").inc()
         return row, about
+
+    def _record(self, result, stats, embedding, about: dict, slices: dict[str, str], profile) -> None:
+        """The request's monitoring record: to the log and the live drift window."""
+        from synermix.monitor import make_record
+
+        record = make_record(
+            result.path, result.label, result.confidence, result.decision, stats, embedding, about, slices
+        )
+        if self.records is not None:
+            self.records.add(record)
+        self.live.add(record, profile)
+
+    def _to_review(self, data: bytes, result, about: dict, reason: str, extra: dict | None = None) -> None:
+        """Offer the image to the review queue, off the request path (skipped under overload)."""
+        if self.review is None:
+            return
+        if not self._review_room.acquire(blocking=False):
+            self.metrics.review.labels("skipped").inc()
+            return
+        detail = {
+            "image": result.path,
+            "class": result.label,
+            "confidence": round(result.confidence, 6),
+            "decision": result.decision,
+            "version": str(about.get("version", "")),
+            "model_sha256": about.get("sha256", "")[:12],
+            **(extra or {}),
+        }
+
+        def save() -> None:
+            try:
+                self.review.offer(data, result.label, reason, detail)
+            finally:
+                self._review_room.release()
+
+        try:
+            self._review_pool.submit(save)
+        except RuntimeError:  # shutting down
+            self._review_room.release()
 
     def _compare(self, name: str, data: bytes, prepared: tuple, primary, about: dict) -> None:
         """Score the same image with the shadow model; count and log the agreement."""
@@ -578,7 +795,7 @@ class Service:
                 )
                 # a pilot may take another input size: then it decodes the bytes its own way
                 x = x if same_input else model.classifier.preprocess(data)
-                p, distance = model.batcher.submit(x).result(timeout=60)
+                p, distance, _ = model.batcher.submit(x).result(timeout=60)
                 shadow = model.classifier.result(name, p, self.settings.abstain, distance)
                 shadow_about = model.about
         except Exception as exc:
@@ -587,6 +804,9 @@ class Service:
             return
         agree = shadow.label == primary.label
         self.metrics.shadow.labels(str(agree).lower()).inc()
+        if not agree:
+            extra = {"shadow_class": shadow.label, "shadow_version": str(shadow_about.get("version", ""))}
+            self._to_review(data, primary, about, "shadow disagrees", extra)
         self.metrics.predictions.labels("shadow", shadow.label).inc()
         self.metrics.decisions.labels("shadow", shadow.decision or "none", shadow.label).inc()
         self.shadow_log.write(
@@ -612,6 +832,25 @@ class Service:
             if self.shadow.last_error:
                 out["shadow_error"] = self.shadow.last_error
         out["abstain_below"] = self.settings.abstain
+        current = self.primary.current
+        out["monitoring"] = {
+            "records": None
+            if self.records is None
+            else {
+                "file": str(self.records.path),
+                "written": self.records.written,
+                "dropped": self.records.dropped,
+            },
+            "live_drift": self.live.describe() if self.settings.monitor_every > 0 else None,
+            "note": "" if current is None else current.profile_note,
+        }
+        if self.primary.golden is not None:
+            out["golden"] = {
+                "folder": str(self.primary.golden.folder),
+                "last_check": self.primary.golden.last,
+            }
+        if self.review is not None:
+            out["review_dir"] = str(self.review.folder)
         return out
 
 
@@ -672,6 +911,14 @@ def create_app(service: Service):
             )
         return [("body", await request.body())]
 
+    def slices_of(request: Request) -> dict[str, str]:
+        """The monitoring slice keys a request names (X-Camera-Id, X-Line-Id)."""
+        from synermix.monitor import SLICE_HEADERS, slice_value
+
+        return {
+            key: slice_value(request.headers[h]) for h, key in SLICE_HEADERS.items() if request.headers.get(h)
+        }
+
     @app.post("/v1/predict")
     async def predict(request: Request):
         try:
@@ -686,7 +933,7 @@ def create_app(service: Service):
         if not data:
             return problem(400, "empty body: send the image file's bytes")
         try:
-            row, about = await service.classify(name, data)
+            row, about = await service.classify(name, data, slices_of(request))
         except BadImage as exc:
             return problem(422, str(exc))
         except Busy as exc:
@@ -706,7 +953,8 @@ def create_app(service: Service):
         # all at once: decoded in parallel, then queued together, so the batcher runs them as
         # one onnxruntime batch
         answers = await asyncio.gather(
-            *(service.classify(name, data) for name, data in files), return_exceptions=True
+            *(service.classify(name, data, slices_of(request)) for name, data in files),
+            return_exceptions=True,
         )
         busy = next((a for a in answers if isinstance(a, Busy)), None)
         if busy is not None:

@@ -10,6 +10,7 @@ import torch
 from synermix.errors import CheckFailed, UserError
 from synermix.inference import Classifier, ModelInfo
 from synermix.paths import EXPORT_DIR, EXPORT_METRICS, MODEL_DIR, ONNX_MODEL
+from synermix.profile import PROFILE_JSON, profile_of
 from synermix.stages.evaluate import run_evaluate
 from synermix.stages.export import run_export
 
@@ -54,6 +55,7 @@ def test_export_writes_a_checked_self_describing_model_and_variants(project):
         "model.fp16.onnx",
         "model.int8.onnx",
         "model.onnx",
+        "profile.json",
     ]
     assert summary["onnx_sha256"] == hashlib.sha256((root / ONNX_MODEL).read_bytes()).hexdigest()
     assert set(summary["test_accuracy"]) == {"fp32", "fp16", "int8"} and summary["test_images"] == 12
@@ -70,6 +72,15 @@ def test_export_writes_a_checked_self_describing_model_and_variants(project):
             for prop in node.metadata_props:
                 assert str(REPO_ROOT) not in prop.value and "site-packages" not in prop.value, prop.key
         assert info.extra["weights_sha256"] == meta["weights_sha256"] and info.extra["gates_passed"] is True
+        # the reference profile travels inside every variant, identical, for this model's weights
+        profile = profile_of(root / EXPORT_DIR / name)
+        assert profile.to_dict() == profile_of(root / PROFILE_JSON).to_dict()
+        assert profile.weights_sha256 == meta["weights_sha256"]
+        assert Classifier(root / EXPORT_DIR / name, provider="cpu").embedding_name == "embedding"
+    assert summary["profile"]["sha256"] == profile.to_dict()["sha256"]
+    assert summary["profile"]["val_images"] == profile.images == 12
+    assert profile.statistics_images == 12 + summary["profile"]["train_images"]
+    assert parity["embedding_max_rel_diff"] is not None and parity["embedding_max_rel_diff"] <= 1e-4
     onnx.checker.check_model(onnx.load(str(root / ONNX_MODEL)), full_check=True)
     assert (
         Classifier(root / EXPORT_DIR / "model.int8.onnx", provider="cpu").class_names == meta["class_names"]

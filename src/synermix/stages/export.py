@@ -18,6 +18,7 @@ from synermix import onnx_export as ox
 from synermix.config import Params
 from synermix.data.transforms import Preprocessing, load_resized, normalize
 from synermix.errors import CheckFailed, UserError
+from synermix.evaluation import score_model
 from synermix.inference import Classifier
 from synermix.line_decision import read_decision
 from synermix.metrics import softmax
@@ -33,9 +34,11 @@ from synermix.paths import (
     PREPARED_DIR,
     variant_model,
 )
+from synermix.profile import PROFILE_JSON, attach_profile, build_profile, observe
 from synermix.stages.common import (
     check_evaluation_is_current,
     evaluation_rows,
+    known_train_rows,
     tag_training_run,
     train_val_rows,
 )
@@ -81,10 +84,18 @@ def run_export(params: Params, root: Path = Path(".")) -> dict:
     gates_passed, temperature = _evaluation_verdict(root)
     names = list(meta["class_names"])
     stored = read_decision(root, names, meta["weights_sha256"])
-    if stored.novelty is not None:  # logits / T and the unknown-part distance from one pass
-        model = ox.WithDistance(model, temperature, novelty_module(stored.novelty))
-    elif temperature != 1.0:  # the graph itself outputs logits / T: calibrated for every consumer
-        model = ox.TemperatureScaled(model, temperature)
+    pre = Preprocessing.from_dict(meta["preprocessing"])
+    image_root = root / PREPARED_DIR
+    train_rows = known_train_rows(root, names)
+    projection = _fit_projection(model, pre, train_rows, image_root, names, ex.embedding_dims)
+    # logits / T (calibrated for every consumer), the unknown-part distance and the
+    # monitoring embedding, from one pass
+    model = ox.LineModel(
+        model,
+        temperature,
+        None if stored.novelty is None else novelty_module(stored.novelty),
+        projection,
+    )
     decision = {
         "operating_point": None if stored.point is None else stored.point.to_dict(),
         "unknown_above": stored.unknown_above,
@@ -92,8 +103,6 @@ def run_export(params: Params, root: Path = Path(".")) -> dict:
     val_rows, test_rows = evaluation_rows(root, names, meta.get("manifest_sha256"))
     if val_rows.empty:
         raise CheckFailed("the val split has no usable image to check parity on; rerun prepare (dvc repro)")
-    pre = Preprocessing.from_dict(meta["preprocessing"])
-    image_root = root / PREPARED_DIR
     out_dir = root / EXPORT_DIR
     if out_dir.is_dir():  # this stage's own output: stale variants must not linger
         shutil.rmtree(out_dir)
@@ -113,6 +122,11 @@ def run_export(params: Params, root: Path = Path(".")) -> dict:
     test_logits, test_distances = ox.batched_outputs(classifier, test_inputs)  # one pass for both
     fp32_accuracy = ox.accuracy_of(test_logits, labels)
     decisions = _decision_agreement(root, classifier, test_rows, test_logits, test_distances)
+    profile = None
+    if parity_ok and projection is not None:
+        profile = _write_profile(
+            classifier, val_rows, train_rows, image_root, names, meta["weights_sha256"], root
+        )
     onnx_bytes = (root / ONNX_MODEL).read_bytes()
     summary: dict = {
         "exporter": ex.exporter,
@@ -124,6 +138,15 @@ def run_export(params: Params, root: Path = Path(".")) -> dict:
         "test_images": len(test_rows),
         "test_accuracy": {"fp32": fp32_accuracy},
         "test_decisions": decisions,
+        "profile": None
+        if profile is None
+        else {
+            "sha256": profile.to_dict()["sha256"],
+            "val_images": profile.images,
+            "train_images": profile.train.get("images", 0),
+            "embedding_dims": int(profile.embeddings.shape[1]),
+            "file": str(PROFILE_JSON),
+        },
         "variants": {},
     }
     refused = []
@@ -157,6 +180,51 @@ def run_export(params: Params, root: Path = Path(".")) -> dict:
         fp32_accuracy,
     )
     return summary
+
+
+def _fit_projection(
+    model, pre: Preprocessing, rows: pd.DataFrame, image_root: Path, names: list[str], dims: int
+) -> ox.Projection | None:
+    """The monitoring projection: the top principal directions of the training images'
+    penultimate features (None when ``export.embedding_dims`` is 0)."""
+    if dims == 0:
+        return None
+    scores = score_model(
+        model, pre, rows, image_root, names, device="cpu", desc="features for the projection"
+    )
+    mean, basis = ox.fit_projection(scores.features, dims)
+    log.info("monitoring embedding: %d principal directions of %d training images", basis.shape[1], len(rows))
+    return ox.Projection(mean, basis)
+
+
+def _write_profile(
+    classifier: Classifier,
+    val_rows: pd.DataFrame,
+    train_rows: pd.DataFrame,
+    image_root: Path,
+    names: list[str],
+    weights_sha256: str,
+    root: Path,
+):
+    """The reference profile (:mod:`synermix.profile`) of the exported model on the val and
+    training images, written into the ONNX file and to models/onnx/profile.json."""
+
+    def files(rows: pd.DataFrame):
+        for path, label in zip(rows["path"], rows["label"], strict=True):
+            yield (image_root / path).read_bytes(), names.index(label)
+
+    val = observe(classifier, files(val_rows))
+    train = observe(classifier, files(train_rows))
+    profile = build_profile(classifier, val, train, weights_sha256)
+    attach_profile(root / ONNX_MODEL, profile)
+    (root / PROFILE_JSON).write_text(json.dumps(profile.to_dict(), indent=1, sort_keys=True) + "\n")
+    log.info(
+        "reference profile: %d val and %d training images (%s)",
+        val_rows.shape[0],
+        len(train_rows),
+        PROFILE_JSON,
+    )
+    return profile
 
 
 def _decision_agreement(

@@ -218,6 +218,7 @@ def register_version(
         )
         version, new = str(mv.version), True
         log.info("registered %s as %s version %s (models:/%s/%s)", onnx_path, name, version, name, version)
+    golden = _record_golden(client, name, version, onnx_path, reg.golden_set) if reg.golden_set else None
     reason = "passed its release gates (register stage)"
     moved = {}
     for alias in ("candidate", "pilot") if reg.auto_pilot else ("candidate",):
@@ -241,7 +242,45 @@ def register_version(
         "aliases_moved": moved,
         "onnx_sha256": export["onnx_sha256"],
         "runs": runs,
+        "golden": golden,
     }
+
+
+def _record_golden(client: Any, name: str, version: str, onnx_path: Path, folder: str) -> dict:
+    """Score the golden set with the version's ONNX file, log the scores from the register
+    run and point the version at them (``golden.*`` tags), for the service's swap check."""
+    import tempfile
+
+    from synermix.inference import Classifier
+    from synermix.watch import GOLDEN_ARTIFACT, GOLDEN_TAGS, golden_images, score_golden
+
+    images = golden_images(Path(folder))
+    try:
+        scores = score_golden(Classifier(onnx_path, provider="cpu"), images)
+    except ValueError as exc:
+        raise UserError(f"registry.golden_set {folder}: {exc}") from None
+    scores["folder"] = str(folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(GOLDEN_ARTIFACT).name
+        path.write_text(json.dumps(scores, indent=1, sort_keys=True) + "\n")
+        mlflow.log_artifact(str(path), artifact_path=str(Path(GOLDEN_ARTIFACT).parent))
+    run_id = mlflow.active_run().info.run_id
+    values = {
+        "run_id": run_id,
+        "sha256": scores["sha256"],
+        "accuracy": model_tags.number(scores["accuracy"]),
+        "images": str(scores["images"]),
+    }
+    for key, tag in GOLDEN_TAGS.items():
+        client.set_model_version_tag(name, version, tag, values[key])
+    log.info(
+        "golden set %s: accuracy %.4f on %d images, recorded with version %s",
+        folder,
+        scores["accuracy"],
+        scores["images"],
+        version,
+    )
+    return {k: scores[k] for k in ("images", "sha256", "accuracy")} | {"run_id": run_id}
 
 
 def _log_onnx_model(root: Path, onnx_path: Path, meta: Mapping[str, Any]) -> Any:
