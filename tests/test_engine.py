@@ -45,7 +45,8 @@ def test_scheduler_drives_the_optimizer():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fall-back")
 def test_cpu_selected_without_cuda():
     setup = select_device("auto")
-    assert setup.device.type == "cpu" and setup.amp_dtype is None and not setup.channels_last
+    assert setup.device.type == "cpu" and setup.amp_dtype is None and setup.channels_last
+    assert not select_device("auto", channels_last=False).channels_last
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")

