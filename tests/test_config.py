@@ -10,10 +10,35 @@ from synermix.errors import UserError
 
 from .helpers import REPO_ROOT
 
+#: params.yaml's training recipe (ImageNet MobileNetV2 fine-tuned at 160 px, short trials;
+#: docs/benchmarks.md) against the library's defaults (a ResNet from scratch, which needs no
+#: weights package): the only keys in which the two differ
+PIPELINE_RECIPE = {
+    "train": {
+        "arch": "mobilenet_v2",
+        "width": None,
+        "init": "imagenet:IMAGENET1K_V1",
+        "freeze_stages": 1,
+        "image_size": 160,
+        "epochs": 10,
+        "lr": 0.02,
+    },
+    "tune": {
+        "n_trials": 6,
+        "epochs": 2,
+        "max_per_class": 60,
+        "space": {"lr": {"low": 0.005, "high": 0.05, "log": True}},
+        "pruner": {"warmup_epochs": 1},
+        "rerun_top_k": 2,
+    },
+}
+
 
 def test_project_params_file_is_valid_and_matches_defaults():
     params = load_params(REPO_ROOT / "params.yaml")
-    assert params == Params()  # params.yaml spells out the documented defaults
+    # params.yaml spells out the documented defaults, and the pipeline's recipe over them
+    assert params == parse_params(PIPELINE_RECIPE)
+    assert params.data == Params().data and params.gates == Params().gates
     assert params.data.source_spec == SourceSpec("elpv")
 
 

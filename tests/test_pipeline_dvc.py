@@ -222,7 +222,7 @@ def test_dvc_repro_on_real_elpv_subset(project):
     assert ran(only_validate.stdout) == {"validate"}
 
     # train.lr is searched: tune reruns but finds its study complete (no new trial)
-    set_params(repo, train__lr=0.02)
+    set_params(repo, train__lr=0.03)
     assert ran(run([str(DVC), "repro"], repo, env).stdout) == {
         "tune",
         "train",
