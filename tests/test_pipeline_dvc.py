@@ -166,6 +166,10 @@ def test_dvc_repro_on_real_elpv_subset(project):
         gates__max_intra_class_variance=None,
         gates__max_ece=None,
         gates__beat_majority=False,
+        gates__max_escape_rate=None,
+        gates__max_overkill_rate=None,
+        gates__max_review_rate=None,
+        gates__max_slice_accuracy_gap=None,
     )
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "init"], repo, env)
