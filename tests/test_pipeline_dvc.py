@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -225,16 +226,28 @@ def test_dvc_repro_on_real_elpv_subset(project):
     only_validate = run([str(DVC), "repro"], repo, env)
     assert ran(only_validate.stdout) == {"validate"}
 
-    # train.lr is searched: tune reruns but finds its study complete (no new trial)
+    # train.lr is searched: tune reruns and finds its study complete (no new trial, the top
+    # trials' re-runs stored); only params.yaml's new values, the baseline, are trained
+    reruns = pd.read_csv(repo / "reports/tune/reruns.csv")
     set_params(repo, train__lr=0.03)
-    assert ran(run([str(DVC), "repro"], repo, env).stdout) == {
-        "tune",
-        "train",
-        "evaluate",
-        "export",
-        "register",
-    }
-    assert yaml.safe_load((repo / "tuning/best_params.yaml").read_text()) == tuned
+    retune = run([str(DVC), "repro"], repo, env)
+    assert ran(retune.stdout) == {"tune", "train", "evaluate", "export", "register"}
+    log = retune.stdout + retune.stderr
+    assert "budget 2 trials" not in log  # no trial trained
+    beta = yaml.safe_load((repo / "params.yaml").read_text())["train"]["beta"]
+    baseline = f"params.yaml's values (beta={beta:.4g}, lr=0.03) with seed"
+    assert all(f"re-run {i}/3: {baseline}" in log for i in (1, 2, 3)) and "4 stored" in log
+    retuned = yaml.safe_load((repo / "tuning/best_params.yaml").read_text())
+    assert retuned["study"] == tuned["study"]
+    assert json.loads((repo / "reports/tune.json").read_text())["trials"] == 2
+    now = pd.read_csv(repo / "reports/tune/reruns.csv")
+    trials = ["trial", "rerun", "seed", "value", "beta", "lr"]
+    assert now[now.trial >= 0][trials].equals(reruns[reruns.trial >= 0][trials])
+    assert set(now[now.trial < 0].lr) == {0.03} and set(reruns[reruns.trial < 0].lr) == {0.02}
+    if retuned["best_trial"] == -1:
+        assert retuned["params"] == {"beta": beta, "lr": 0.03}
+    else:  # the best mean of the trials' candidates, which have not changed
+        assert retuned["mean"] == pytest.approx(now[now.trial >= 0]["mean"].max(), abs=1e-6)
 
     # only train.* keys that trials do not use leave tuning alone
     set_params(repo, train__epochs=1)

@@ -275,6 +275,13 @@ def test_params_yaml_values_are_kept_unless_beaten_beyond_the_seed_spread(tmp_pa
     again, calls = rerun((0.0, 0.0, 0.0))
     assert rerun_top(study, study.get_trials(), tune, 123, again, baseline={"beta": 0.3}) == candidates
     assert calls == []
+    # params.yaml changed since (the study does not hash the searched knobs): its values are
+    # trained again on the same seeds, the trials' stored re-runs are not
+    changed, calls = rerun((0.95, 0.96, 0.97))
+    candidates = rerun_top(study, study.get_trials(), tune, 123, changed, baseline={"beta": 0.4})
+    assert calls == [(BASELINE, s, {"beta": 0.4}) for s in (123, s1, s2)]
+    assert candidates[-1].trial.params == {"beta": 0.4} and candidates[-1].values == [0.95, 0.96, 0.97]
+    assert choose(candidates) is candidates[-1]
     # without a baseline the choice is the best mean, as before
     assert choose([c for c in candidates if c.number != BASELINE]).number == 0
 

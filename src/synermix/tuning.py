@@ -682,7 +682,8 @@ def rerun_top(
     """Re-run the ``tune.rerun_top_k`` best complete trials of ``counted`` with
     ``tune.rerun_seeds`` more seeds each; [] when re-runs are off. With ``baseline``
     (params.yaml's values of the searched knobs) it is trained too, with the trials' own seed
-    and the same re-run seeds, and comes last as candidate :data:`BASELINE`.
+    and the same re-run seeds, and comes last as candidate :data:`BASELINE`; its stored runs
+    count only while they were trained on the same values.
 
     ``rerun(trial, seed)`` trains the trial's values with ``seed`` and returns the
     objective (:meth:`Tuner.rerun`). Each result is stored in the study as it finishes,
@@ -696,16 +697,24 @@ def rerun_top(
     pending = [(t, s) for t in top for s in seeds if (t.number, s) not in stored]
     base = BaselineTrial(dict(baseline)) if baseline is not None and top else None
     if base is not None:
+        # stored under the seed alone, so a run of other values (params.yaml changed since,
+        # while the study, which does not hash the searched knobs, stayed) is run again
+        for s in (seed, *seeds):
+            record = stored.get((BASELINE, s))
+            if record is not None and record.get("params") != base.params:
+                del stored[(BASELINE, s)]
         pending += [(base, s) for s in (seed, *seeds) if (BASELINE, s) not in stored]
     if pending:
+        runs = len(top) * len(seeds) + (0 if base is None else 1 + len(seeds))
         log.info(
-            "re-running the top %d trial(s) with %d more seed(s) each: %d run(s) of %d epochs to go, "
-            "%d stored",
+            "re-running the top %d trial(s) with %d more seed(s) each%s: %d run(s) of %d epochs "
+            "to go, %d stored",
             len(top),
             len(seeds),
+            "" if base is None else f", and params.yaml's values on {1 + len(seeds)} seeds",
             len(pending),
             tune.epochs,
-            len(top) * len(seeds) - len(pending),
+            runs - len(pending),
         )
     for done, (trial, run_seed) in enumerate(pending, start=1):
         start = time.perf_counter()
