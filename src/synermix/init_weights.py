@@ -246,13 +246,13 @@ def _from_imagenet(spec: str, target: _Target) -> InitWeights:
     found = None
     for weights in candidates:  # the cache first, for every candidate, then the packaged copies
         if (folder / _file_name(weights)).is_file():
-            found = weights, folder / _file_name(weights)
+            found = weights, folder / _file_name(weights), None
             break
     else:
         for weights in candidates:
             packaged = packaged_imagenet_file(_file_name(weights))
             if packaged is not None:
-                found = weights, packaged
+                found = weights, packaged, PACKAGED_IMAGENET[packaged.name][2]
                 break
     if found is None:
         default = candidates[0]
@@ -265,10 +265,9 @@ def _from_imagenet(spec: str, target: _Target) -> InitWeights:
             f"downloaded: copy it there from {default.url} (or point TORCH_HOME at a cache that has it)"
             f"{offer}, or set train.init: <path to a state_dict file>"
         )
-    weights, path = found
-    entry = PACKAGED_IMAGENET.get(path.name)
+    weights, path, package = found
     # a packaged copy is named by its package (no path of this machine goes into model.json)
-    source = f"{entry[2]}: {path.name}" if entry and path == packaged_imagenet_file(path.name) else str(path)
+    source = str(path) if package is None else f"{package}: {path.name}"
     sha = _sha256(path)
     _check_torchvision_hash(path, sha, what)
     log.info("train.init imagenet: reading %s (torchvision %s)", path, weights)
