@@ -55,7 +55,7 @@ class ClassPairBatchSampler(Sampler[list[int]]):
         total = sum(mass.values())
         return {c: m / total for c, m in mass.items()}
 
-    def _epoch_order(self) -> list[int]:
+    def epoch_order(self) -> list[int]:
         if self.balance_power is None:
             return torch.randperm(len(self.labels), generator=self.generator).tolist()
         probs = self.class_probabilities()
@@ -82,22 +82,26 @@ class ClassPairBatchSampler(Sampler[list[int]]):
         position = members.index(index)
         return members[pick + 1 if pick >= position else pick]
 
+    def with_pairs(self, batch: list[int]) -> list[int]:
+        """``batch`` and, for every class in it with a single distinct image, one more
+        image of that class (drawn from the sampler's generator)."""
+        # distinct images per class: a balanced epoch may draw one image twice
+        members: dict[int, set[int]] = {}
+        for index in batch:
+            members.setdefault(self.labels[index], set()).add(index)
+        extra = []
+        for index in batch:
+            if members[self.labels[index]] == {index}:
+                partner = self._partner(index)
+                if partner is not None:
+                    extra.append(partner)
+                    members[self.labels[index]].add(partner)
+        return batch + extra
+
     def __iter__(self) -> Iterator[list[int]]:
-        order = self._epoch_order()
+        order = self.epoch_order()
         for start in range(0, len(order), self.batch_size):
-            batch = order[start : start + self.batch_size]
-            # distinct images per class: a balanced epoch may draw one image twice
-            members: dict[int, set[int]] = {}
-            for index in batch:
-                members.setdefault(self.labels[index], set()).add(index)
-            extra = []
-            for index in batch:
-                if members[self.labels[index]] == {index}:
-                    partner = self._partner(index)
-                    if partner is not None:
-                        extra.append(partner)
-                        members[self.labels[index]].add(partner)
-            yield batch + extra
+            yield self.with_pairs(order[start : start + self.batch_size])
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}
