@@ -2,7 +2,7 @@ from collections import Counter
 
 import pytest
 
-from synermix.data.samplers import ClassPairBatchSampler
+from synermix.data.samplers import ClassPairBatchSampler, RankBatchSampler, share_batch
 
 LABELS = [0] * 23 + [1] * 9 + [2] * 3 + [3] * 1  # class 3 has one sample in the whole set
 
@@ -124,3 +124,72 @@ def test_balanced_sampling_is_seeded_and_resumable():
 def test_balance_power_out_of_range():
     with pytest.raises(ValueError):
         ClassPairBatchSampler(BALANCE_LABELS, 16, seed=0, balance_power=1.5)
+
+
+# -- several processes (torchrun): each rank's share of the same global batches ---------
+
+
+def rank_epochs(labels, batch_size, seed, world_size, epochs, balance_power=None):
+    """Per epoch, per step: the shares of every rank (one sampler per rank, as under torchrun)."""
+    samplers = [
+        RankBatchSampler(labels, batch_size, seed, rank, world_size, balance_power)
+        for rank in range(world_size)
+    ]
+    assert len({len(s) for s in samplers}) == 1
+    out = []
+    for _ in range(epochs):
+        per_rank = [batches(s) for s in samplers]
+        assert all(len(steps) == len(samplers[0]) for steps in per_rank)
+        out.append(list(zip(*per_rank, strict=True)))
+    return out
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("balance_power", [None, 1.0])
+def test_ranks_share_the_single_process_batches_disjointly_and_keep_pairs(world_size, balance_power):
+    # 36 images in batches of 9 (no short last batch): the global batches are the
+    # single-process ones, epoch after epoch
+    single = ClassPairBatchSampler(LABELS, 9, seed=5, balance_power=balance_power)
+    for epoch in rank_epochs(LABELS, 9, 5, world_size, epochs=4, balance_power=balance_power):
+        for shares, expected in zip(epoch, batches(single), strict=True):
+            joined = [i for share in shares for i in share]
+            assert sorted(joined) == sorted(expected)  # disjoint, and the whole global batch
+            for share in shares:
+                assert share, shares  # every rank steps
+                for label, count in Counter(LABELS[i] for i in share).items():
+                    assert count >= 2 or label == 3, (shares, expected)
+
+
+def test_a_class_stays_on_one_rank_unless_ranks_outnumber_classes():
+    assert share_batch([0, 1, 23, 24, 32, 33], LABELS, 2) == [[0, 1, 32, 33], [23, 24]]
+    # one class, three ranks: halved (largest first) into groups of two or more
+    shares = share_batch(list(range(9)), LABELS, 3)
+    assert sorted(map(len, shares)) == [2, 3, 4]
+    assert sorted(i for share in shares for i in share) == list(range(9))
+    with pytest.raises(ValueError, match="cannot give each of 2 ranks"):
+        share_batch([0, 1, 2], LABELS, 2)
+
+
+def test_a_short_last_batch_joins_the_one_before():
+    # 36 images, batches of 10: the last has 6 < 3 * 3 images, so 3 ranks take 3 steps
+    samplers = [RankBatchSampler(LABELS, 10, 0, rank, 3) for rank in range(3)]
+    assert [len(s) for s in samplers] == [3, 3, 3] and len(ClassPairBatchSampler(LABELS, 10, 0)) == 4
+    steps = list(zip(*(batches(s) for s in samplers), strict=True))
+    covered = sorted({i for shares in steps for share in shares for i in share})
+    assert covered == list(range(len(LABELS)))  # every image of the epoch is used
+    # with two ranks the last batch (6 >= 3 * 2) stays a step of its own
+    assert len(RankBatchSampler(LABELS, 10, 0, 0, 2)) == 4
+
+
+def test_rank_sampler_refusals_and_resume():
+    with pytest.raises(ValueError, match="at least 6"):
+        RankBatchSampler(LABELS, 5, 0, 0, 2)
+    with pytest.raises(ValueError, match="rank 2"):
+        RankBatchSampler(LABELS, 8, 0, 2, 2)
+    sampler = RankBatchSampler(LABELS, 8, 3, 1, 2)
+    batches(sampler)
+    state = sampler.state_dict()
+    second = batches(sampler)
+    again = RankBatchSampler(LABELS, 8, 3, 1, 2)
+    again.load_state_dict(state)
+    assert batches(again) == second

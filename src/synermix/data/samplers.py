@@ -13,6 +13,14 @@ probability ``p_c = n_c**(1 - power) / sum_k n_k**(1 - power)`` (``power`` 1: ev
 equally often; 0: as in the data), the image within its class taken from a reshuffled
 cycle through the class so repeats are spread out. The pair guarantee is applied after,
 exactly as for the plain shuffle.
+
+Under ``torchrun`` (several processes, one model replica each), :class:`RankBatchSampler`
+gives each rank its share of the same global batches: every rank draws the whole epoch
+with the same seeded generator, so the global batch is the single-process one, and keeps
+the part :func:`share_batch` assigns to it. A class's images in a batch stay together on
+one rank unless there are fewer classes than ranks (then the largest group is halved, each
+half keeping at least two), so SynerMix-Intra synthesises every class from the same
+images as in one process.
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ class ClassPairBatchSampler(Sampler[list[int]]):
         return {c: m / total for c, m in mass.items()}
 
     def epoch_order(self) -> list[int]:
+        """One epoch's order of image indices (drawn from the sampler's generator)."""
         if self.balance_power is None:
             return torch.randperm(len(self.labels), generator=self.generator).tolist()
         probs = self.class_probabilities()
@@ -108,3 +117,82 @@ class ClassPairBatchSampler(Sampler[list[int]]):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
+
+
+def share_batch(batch: Sequence[int], labels: Sequence[int], world_size: int) -> list[list[int]]:
+    """``batch`` cut into ``world_size`` disjoint, non-empty shares that keep each class's
+    images together (so every class in a share has the images it had in ``batch``: two or
+    more when ``batch`` had them). While there are fewer groups than ranks, the largest
+    group of at least four images is halved. Groups go largest first to the share with the
+    fewest images (ties: the lower rank). Deterministic: every rank computes the same cut.
+    A batch that cannot feed every rank is a ``ValueError``."""
+    groups: dict[int, list[int]] = {}
+    for index in batch:
+        groups.setdefault(int(labels[index]), []).append(index)
+    units = list(groups.values())
+    while len(units) < world_size:
+        splittable = [i for i, u in enumerate(units) if len(u) >= 4]
+        if not splittable:
+            raise ValueError(
+                f"a batch of {len(batch)} images in {len(groups)} class(es) cannot give each of "
+                f"{world_size} ranks two images of a class"
+            )
+        largest = max(splittable, key=lambda i: (len(units[i]), -i))
+        unit = units.pop(largest)
+        half = len(unit) // 2
+        units[largest:largest] = [unit[:half], unit[half:]]
+    shares: list[list[int]] = [[] for _ in range(world_size)]
+    for unit in sorted(units, key=len, reverse=True):  # stable: first-seen class first on ties
+        target = min(range(world_size), key=lambda r: (len(shares[r]), r))
+        shares[target].extend(unit)
+    return shares
+
+
+class RankBatchSampler(Sampler[list[int]]):
+    """Rank ``rank`` of ``world_size``'s shares of :class:`ClassPairBatchSampler`'s batches.
+
+    Every rank runs the same seeded sampler, so all agree on each global batch and the
+    shares of one batch are disjoint and cover it. A last, short batch of fewer than
+    ``3 * world_size`` images (which may not split into ``world_size`` shares) is joined
+    to the one before, so every rank takes the same number of steps: :meth:`__len__`."""
+
+    def __init__(
+        self,
+        labels: Sequence[int],
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        balance_power: float | None = None,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        if batch_size < 3 * world_size:
+            raise ValueError(
+                f"batch_size {batch_size} is too small for {world_size} processes: at least "
+                f"{3 * world_size} (three images per process) are needed"
+            )
+        self.inner = ClassPairBatchSampler(labels, batch_size, seed, balance_power)
+        self.rank, self.world_size = rank, world_size
+
+    def _cuts(self) -> list[tuple[int, int]]:
+        n, size = len(self.inner.labels), self.inner.batch_size
+        cuts = [(start, min(start + size, n)) for start in range(0, n, size)]
+        if len(cuts) > 1 and cuts[-1][1] - cuts[-1][0] < 3 * self.world_size:
+            cuts[-2:] = [(cuts[-2][0], n)]
+        return cuts
+
+    def __len__(self) -> int:
+        return len(self._cuts())
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self.inner.epoch_order()
+        for start, stop in self._cuts():
+            batch = self.inner.with_pairs(order[start:stop])
+            yield share_batch(batch, self.inner.labels, self.world_size)[self.rank]
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
