@@ -158,14 +158,21 @@ def test_ranks_share_the_single_process_batches_disjointly_and_keep_pairs(world_
                 assert share, shares  # every rank steps
                 for label, count in Counter(LABELS[i] for i in share).items():
                     assert count >= 2 or label == 3, (shares, expected)
+            # a class with two images per rank is on every rank (the same class mix)
+            for label, count in Counter(LABELS[i] for i in expected).items():
+                if count >= 2 * world_size:
+                    assert all(label in {LABELS[i] for i in share} for share in shares), shares
 
 
-def test_a_class_stays_on_one_rank_unless_ranks_outnumber_classes():
-    assert share_batch([0, 1, 23, 24, 32, 33], LABELS, 2) == [[0, 1, 32, 33], [23, 24]]
-    # one class, three ranks: halved (largest first) into groups of two or more
-    shares = share_batch(list(range(9)), LABELS, 3)
-    assert sorted(map(len, shares)) == [2, 3, 4]
-    assert sorted(i for share in shares for i in share) == list(range(9))
+def test_each_rank_gets_the_class_mix_in_runs_of_two_or_more():
+    # 8 of class 0, 4 of class 1, 2 of class 2: two ranks get 4 + 2 and 4 + 2 + 2 images
+    batch = [*range(8), 23, 24, 25, 26, 32, 33]
+    shares = share_batch(batch, LABELS, 2)
+    assert shares == [[0, 1, 2, 3, 23, 24, 32, 33], [4, 5, 6, 7, 25, 26]]
+    # one class, three ranks: runs of 3
+    assert share_batch(list(range(9)), LABELS, 3) == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    # 5 images of one class for two ranks: 2 and 3, never a lone image
+    assert sorted(map(len, share_batch(list(range(5)), LABELS, 2))) == [2, 3]
     with pytest.raises(ValueError, match="cannot give each of 2 ranks"):
         share_batch([0, 1, 2], LABELS, 2)
 

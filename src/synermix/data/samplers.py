@@ -17,10 +17,10 @@ exactly as for the plain shuffle.
 Under ``torchrun`` (several processes, one model replica each), :class:`RankBatchSampler`
 gives each rank its share of the same global batches: every rank draws the whole epoch
 with the same seeded generator, so the global batch is the single-process one, and keeps
-the part :func:`share_batch` assigns to it. A class's images in a batch stay together on
-one rank unless there are fewer classes than ranks (then the largest group is halved, each
-half keeping at least two), so SynerMix-Intra synthesises every class from the same
-images as in one process.
+the part :func:`share_batch` assigns to it. Each class's images are split evenly across the
+ranks in runs of at least two, so every rank's batch has about the whole batch's class mix
+(its BatchNorm statistics and MixUp partners look like one process's) and keeps the pair
+guarantee, and SynerMix-Intra synthesises each class per rank from that rank's images.
 """
 
 from __future__ import annotations
@@ -120,31 +120,39 @@ class ClassPairBatchSampler(Sampler[list[int]]):
 
 
 def share_batch(batch: Sequence[int], labels: Sequence[int], world_size: int) -> list[list[int]]:
-    """``batch`` cut into ``world_size`` disjoint, non-empty shares that keep each class's
-    images together (so every class in a share has the images it had in ``batch``: two or
-    more when ``batch`` had them). While there are fewer groups than ranks, the largest
-    group of at least four images is halved. Groups go largest first to the share with the
-    fewest images (ties: the lower rank). Deterministic: every rank computes the same cut.
-    A batch that cannot feed every rank is a ``ValueError``."""
+    """``batch`` cut into ``world_size`` disjoint, non-empty shares with the same class mix.
+
+    Each class's images in ``batch`` are split into ``min(world_size, n // 2)`` near-equal
+    runs (so every run has at least two images; a class with one image in the whole
+    dataset is a run of one), and the runs go, largest first, to the share with the fewest
+    images that has none of that class yet (ties: the lower rank). Deterministic: every
+    rank computes the same cut. A batch with fewer runs than ranks is a ``ValueError``
+    (three images per rank always give enough)."""
     groups: dict[int, list[int]] = {}
     for index in batch:
         groups.setdefault(int(labels[index]), []).append(index)
-    units = list(groups.values())
-    while len(units) < world_size:
-        splittable = [i for i, u in enumerate(units) if len(u) >= 4]
-        if not splittable:
-            raise ValueError(
-                f"a batch of {len(batch)} images in {len(groups)} class(es) cannot give each of "
-                f"{world_size} ranks two images of a class"
-            )
-        largest = max(splittable, key=lambda i: (len(units[i]), -i))
-        unit = units.pop(largest)
-        half = len(unit) // 2
-        units[largest:largest] = [unit[:half], unit[half:]]
+    runs: list[tuple[int, list[int]]] = []
+    for label, members in groups.items():
+        count = max(1, min(world_size, len(members) // 2))
+        size, extra = divmod(len(members), count)
+        start = 0
+        for k in range(count):
+            stop = start + size + (k < extra)
+            runs.append((label, members[start:stop]))
+            start = stop
+    if len(runs) < world_size:
+        raise ValueError(
+            f"a batch of {len(batch)} images in {len(groups)} class(es) cannot give each of "
+            f"{world_size} ranks two images of a class"
+        )
     shares: list[list[int]] = [[] for _ in range(world_size)]
-    for unit in sorted(units, key=len, reverse=True):  # stable: first-seen class first on ties
-        target = min(range(world_size), key=lambda r: (len(shares[r]), r))
-        shares[target].extend(unit)
+    held: list[set[int]] = [set() for _ in range(world_size)]
+    for label, run in sorted(runs, key=lambda item: len(item[1]), reverse=True):  # stable
+        target = min(
+            (r for r in range(world_size) if label not in held[r]), key=lambda r: (len(shares[r]), r)
+        )
+        shares[target].extend(run)
+        held[target].add(label)
     return shares
 
 
