@@ -132,9 +132,11 @@ def test_the_training_code_list_is_in_the_deps_of_tune_and_train():
 
 
 def test_tune_depends_on_every_train_key_but_epochs():
-    """Trials train with train.* (epochs from tune.epochs): a train.* key missing from the
-    tune stage's params would leave a stale study when it changes."""
+    """Trials train with train.* (epochs from tune.epochs, in one process): a train.* key
+    missing from the tune stage's params would leave a stale study when it changes."""
     from synermix.config import TrainParams
+    from synermix.tuning import TRIAL_FIXED
 
     listed = {p.removeprefix("train.") for p in DVC_STAGES["tune"]["params"] if p.startswith("train.")}
-    assert listed == set(TrainParams.model_fields) - {"epochs"}
+    assert listed == set(TrainParams.model_fields) - {"epochs", *TRIAL_FIXED}
+    assert set(TRIAL_FIXED) == {"launcher", "nproc_per_node", "sync_batchnorm"}

@@ -642,7 +642,7 @@ def _run_stage(args: argparse.Namespace, params) -> None:
     elif args.command == "train":
         from synermix.stages.train import run_train
 
-        run_train(params)
+        run_train(params, params_file=Path(args.params))
     elif args.command == "evaluate":
         from synermix.stages.evaluate import run_evaluate
 

@@ -248,11 +248,22 @@ class TrainParams(_Section):
     compile: bool = False
     num_workers: Annotated[int, Field(ge=0, le=64)] = 0
     cache_images: bool = True
+    #: single: this process | torchrun: train under `torchrun --nproc_per_node` with
+    #: DistributedDataParallel (gloo on CPU, NCCL on CUDA: one process per GPU)
+    launcher: Literal["single", "torchrun"] = "single"
+    nproc_per_node: Annotated[int, Field(ge=1, le=64)] = 2
+    #: under torchrun: BatchNorm statistics over the whole global batch (SyncBatchNorm)
+    sync_batchnorm: bool = False
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
 
     @model_validator(mode="after")
     def _warmup_within_epochs(self) -> TrainParams:
+        if self.launcher == "torchrun" and self.batch_size < 3 * self.nproc_per_node:
+            raise ValueError(
+                f"batch_size {self.batch_size} is too small for {self.nproc_per_node} processes: "
+                f"at least {3 * self.nproc_per_node} (three images per process)"
+            )
         if self.warmup_epochs > self.epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be <= epochs ({self.epochs})")
         if self.width is not None and not self.arch.startswith("resnet"):

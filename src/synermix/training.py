@@ -25,8 +25,9 @@ from torch.utils.data import DataLoader
 
 from synermix.config import TrainParams
 from synermix.data.datasets import InspectionImages, channel_stats, infer_channels
-from synermix.data.samplers import ClassPairBatchSampler
+from synermix.data.samplers import ClassPairBatchSampler, RankBatchSampler
 from synermix.data.transforms import Preprocessing, build_augmentation
+from synermix.distributed import SINGLE, Dist, RankLoss, all_sum, gather, refuse_other_world_size
 from synermix.engine import (
     build_optimizer,
     build_scheduler,
@@ -78,6 +79,7 @@ TRAINING_CODE = (
     "data/samplers.py",
     "data/transforms.py",
     "data/images.py",  # fit_square: the pixels the model sees
+    "distributed.py",
 )
 
 
@@ -87,9 +89,10 @@ def run_fingerprint(
     """Hash of everything that determines a run: params, seed, classes, the training code
     and every image and label used. A checkpoint resumes only on a match."""
     digest = hashlib.sha256()
-    digest.update(
-        json.dumps([params.model_dump(mode="json"), seed, list(class_names)], sort_keys=True).encode()
-    )
+    # how many processes is checked apart: a checkpoint of another world size is refused,
+    # not silently replaced
+    settings = params.model_dump(mode="json", exclude={"launcher", "nproc_per_node"})
+    digest.update(json.dumps([settings, seed, list(class_names)], sort_keys=True).encode())
     package = Path(__file__).parent
     for name in TRAINING_CODE:
         digest.update((package / name).read_bytes())
@@ -166,11 +169,18 @@ def check_training_inputs(
     )
 
 
-def seeds_for(seed: int) -> dict[str, int]:
-    """Independent seeds for each random source, all derived from the one ``seed`` param."""
+def seeds_for(seed: int, rank: int = 0) -> dict[str, int]:
+    """Independent seeds for each random source, all derived from the one ``seed`` param.
+
+    Under torchrun every rank shares the torch, sampler and loader seeds (the same initial
+    weights and the same global batches) and draws its own mixing (``mix``: per seed and
+    rank); rank 0's seeds are the single-process ones."""
     names = ("torch", "sampler", "loader", "mix")
     children = np.random.SeedSequence(seed).spawn(len(names))
-    return {name: int(child.generate_state(1)[0]) for name, child in zip(names, children, strict=True)}
+    seeds = {name: int(child.generate_state(1)[0]) for name, child in zip(names, children, strict=True)}
+    if rank:
+        seeds["mix"] = int(np.random.SeedSequence([seeds["mix"], rank]).generate_state(1)[0])
+    return seeds
 
 
 def _rng_state(sampler, loader_generator, mix_rng) -> dict[str, Any]:
@@ -244,6 +254,7 @@ def train_model(
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
     on_resume: Callable[[int], None] | None = None,
     init=None,
+    dist: Dist = SINGLE,
 ) -> TrainingResult:
     """Train with ``params`` on ``data`` (from :func:`load_training_data`, built with the
     same params: the tune stage builds it once for every trial), validating on its val
@@ -258,8 +269,12 @@ def train_model(
 
     After every epoch the model (its EMA with ``train.ema_decay``) is scored on val; with
     ``train.keep: best`` the weights of the epoch with the highest ``train.select_metric``
-    (the earliest on a tie) are the ones returned, else the last epoch's."""
-    seeds = seeds_for(seed)
+    (the earliest on a tie) are the ones returned, else the last epoch's.
+
+    ``dist`` (under torchrun, :mod:`synermix.distributed`): this rank trains on its share of
+    each batch in DistributedDataParallel; only rank 0 writes the checkpoint, and every
+    rank returns the same model. The caller joins the process group first."""
+    seeds = seeds_for(seed, dist.rank)
     train_set, val_set, pre = data.train_set, data.val_set, data.preprocessing
     channels = pre.channels
     if init is None:
@@ -269,7 +284,12 @@ def train_model(
     torch.manual_seed(seeds["torch"])
     setup = select_device(params.device, params.amp, params.channels_last)
     balance = params.balance_power if params.sampling == "balanced" else None
-    sampler = ClassPairBatchSampler(train_set.labels, params.batch_size, seeds["sampler"], balance)
+    if dist.active:
+        sampler = RankBatchSampler(
+            train_set.labels, params.batch_size, seeds["sampler"], dist.rank, dist.world_size, balance
+        )
+    else:
+        sampler = ClassPairBatchSampler(train_set.labels, params.batch_size, seeds["sampler"], balance)
     loader_generator = torch.Generator().manual_seed(seeds["loader"])
     pin = setup.device.type == "cuda"
     train_loader = DataLoader(
@@ -287,6 +307,8 @@ def train_model(
     model = build_model(params.arch, num_classes, channels, params.small_input_stem, params.width)
     init.apply(model)
     model.freeze_stages(params.freeze_stages)
+    if dist.active and params.sync_batchnorm:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(setup.device)
     if setup.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -321,6 +343,19 @@ def train_model(
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(params.ema_decay), use_buffers=True
         )
     scored = ema.module if ema is not None else model
+    step_criterion = criterion
+    if dist.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = DistributedDataParallel(
+            RankLoss(model, criterion, dist.world_size, num_classes),
+            device_ids=[dist.local_rank] if setup.device.type == "cuda" else None,
+        )
+        wrapped.train()
+
+        def step_criterion(_model, x_orig, x_aug, y):
+            return wrapped(x_orig, x_aug, y)
+
     if params.compile:
         # One graph per (start, stop) of the stage chain: whole network, and the two
         # halves around each manifold-mixup point. state_dict keys stay unchanged.
@@ -336,6 +371,8 @@ def train_model(
     if checkpoint is not None and int(checkpoint.get("epoch", 0)) >= params.epochs:
         log.info("checkpoint %s is of a finished run; training afresh", checkpoint_path)
     elif checkpoint is not None and checkpoint.get("fingerprint") == fingerprint:
+        if int(checkpoint.get("world_size", 1)) != dist.world_size:
+            refuse_other_world_size(checkpoint_path, int(checkpoint.get("world_size", 1)), dist.world_size)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
@@ -344,7 +381,8 @@ def train_model(
         if ema is not None:
             ema.load_state_dict(checkpoint["ema"])
         best = checkpoint["best"]
-        _restore_rng(checkpoint["rng"], sampler, loader_generator, mix_rng)
+        rng = checkpoint["rank_rngs"][dist.rank] if dist.active else checkpoint["rng"]
+        _restore_rng(rng, sampler, loader_generator, mix_rng)
         start, history = int(checkpoint["epoch"]), list(checkpoint["history"])
         log.info("resuming from %s after epoch %d of %d", checkpoint_path, start, params.epochs)
         if on_resume:
@@ -368,8 +406,17 @@ def train_model(
     )
     for epoch in range(start, params.epochs):
         stats = train_one_epoch(
-            model, criterion, optimizer, scheduler, train_loader, setup, epoch, scaler, ema=ema
+            model, step_criterion, optimizer, scheduler, train_loader, setup, epoch, scaler, ema=ema
         )
+        if dist.active:  # the global batch's figures: the mean loss over ranks, images/s summed
+            loss, intra, speed = all_sum(
+                [stats["train_loss"], stats["train_intra_loss"], stats["images_per_s"]], setup.device
+            )
+            stats.update(
+                train_loss=loss / dist.world_size,
+                train_intra_loss=intra / dist.world_size,
+                images_per_s=speed,
+            )
         val = evaluate(scored, val_loader, setup, num_classes)
         row = {
             "epoch": epoch + 1,
@@ -393,7 +440,8 @@ def train_model(
             row["val_macro_recall"],
             row["images_per_s"],
         )
-        if checkpoint_path:
+        rngs = gather(_rng_state(sampler, loader_generator, mix_rng)) if dist.active else None
+        if checkpoint_path and dist.is_main:
             save_checkpoint(
                 checkpoint_path,
                 {
@@ -407,6 +455,7 @@ def train_model(
                     "ema": ema.state_dict() if ema is not None else None,
                     "best": best,
                     "rng": _rng_state(sampler, loader_generator, mix_rng),
+                    **({"world_size": dist.world_size, "rank_rngs": rngs} if dist.active else {}),
                 },
             )
         if on_epoch_end:

@@ -105,9 +105,17 @@ def cap_train_rows(rows: pd.DataFrame, max_per_class: int | None, seed: int) -> 
     return pd.concat(kept).sort_values("path")
 
 
+#: train.* keys every trial sets to the defaults: trials run in one process (they scale out
+#: as Optuna workers, one per GPU, not under torchrun), so these never enter a study's name
+TRIAL_FIXED = {
+    name: TrainParams.model_fields[name].default for name in ("launcher", "nproc_per_node", "sync_batchnorm")
+}
+
+
 def trial_base(train: TrainParams, tune: TuneParams) -> TrainParams:
-    """The train params every trial starts from: train.* with the trial's epoch count."""
-    return TrainParams.model_validate({**train.model_dump(), "epochs": tune.epochs})
+    """The train params every trial starts from: train.* with the trial's epoch count, in
+    one process (:data:`TRIAL_FIXED`)."""
+    return TrainParams.model_validate({**train.model_dump(), "epochs": tune.epochs, **TRIAL_FIXED})
 
 
 def suggest(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:

@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import mlflow
 import pandas as pd
+import torch
 import yaml
 from pydantic import ValidationError
 
 from synermix.config import BASELINE_TRIAL, TUNABLE_TRAIN_KEYS, Params, TrainParams
 from synermix.curves import write_training_curves
 from synermix.data.datasets import infer_channels
+from synermix.distributed import CHILD_ENV, SINGLE, from_env, launch, setup, teardown, under_torchrun
 from synermix.errors import UserError
 from synermix.paths import (
     BEST_PARAMS,
     MANIFEST,
     MODEL_DIR,
+    PARAMS_FILE,
     PREPARED_DIR,
     TRAIN_CHECKPOINT,
     TRAIN_FIGURES,
@@ -96,15 +100,64 @@ def _origin(tuned: dict) -> str:
     return f"tune study {tuned['study']}, trial {tuned['best_trial']}"
 
 
-def run_train(params: Params, root: Path = Path(".")) -> dict:
-    """Train on the usable train split, validate on val, log to MLflow, write the model."""
+def run_train(params: Params, root: Path = Path("."), params_file: Path | None = None) -> dict:
+    """Train on the usable train split, validate on val, log to MLflow, write the model.
+
+    With ``train.launcher: torchrun`` this process starts ``torchrun`` on
+    :func:`main` with ``train.nproc_per_node`` ranks (reading ``params_file``, by default
+    ``root``'s params.yaml) and returns what rank 0 wrote."""
+    cuda = params.train.device != "cpu" and torch.cuda.is_available()
+    if params.train.launcher == "torchrun" and params.train.sync_batchnorm and not cuda:
+        raise UserError(
+            "train.sync_batchnorm needs CUDA (PyTorch's SyncBatchNorm runs on GPUs only) and this run "
+            "trains on the CPU; set train.sync_batchnorm: false"
+        )
+    if params.train.launcher == "torchrun" and not under_torchrun():
+        source = params_file or root / PARAMS_FILE
+        if not source.is_file():
+            raise UserError(f"{source} is missing: train.launcher torchrun reads its params from a file")
+        launch(
+            params.train.nproc_per_node,
+            "synermix.stages.train",
+            ["--root", str(root), "--params", str(source)],
+            "train",
+        )
+        return json.loads((root / TRAIN_METRICS).read_text())
+    dist = from_env() if under_torchrun() else SINGLE
     names, train_rows, val_rows, manifest_sha = train_val_rows(params, root)
     train_params, tuned = apply_tuned(params.train, root / BEST_PARAMS)
     channels = infer_channels(train_rows) if train_params.channels == "auto" else int(train_params.channels)
     # bad class weights, an input size the backbone cannot take, or starting weights that
     # do not load stop here, before a run, a checkpoint or a model file is written
     init = check_training_inputs(train_params, names, channels, tracking_uri(params.mlflow))
+    if dist.active:
+        setup(dist, "cuda" if cuda else "cpu")
+        try:
+            if not dist.is_main:  # trains its share; rank 0 logs and writes everything
+                data = load_training_data(train_rows, val_rows, root / PREPARED_DIR, names, train_params)
+                train_model(
+                    data,
+                    names,
+                    train_params,
+                    params.seed,
+                    checkpoint_path=root / TRAIN_CHECKPOINT,
+                    init=init,
+                    dist=dist,
+                )
+                return {}
+            return _train_and_write(
+                params, root, names, train_rows, val_rows, manifest_sha, train_params, tuned, init, dist
+            )
+        finally:
+            teardown()
+    return _train_and_write(
+        params, root, names, train_rows, val_rows, manifest_sha, train_params, tuned, init, dist
+    )
 
+
+def _train_and_write(
+    params, root, names, train_rows, val_rows, manifest_sha, train_params, tuned, init, dist
+):
     with mlflow_run(params, "train", root, {"manifest_sha256": manifest_sha}) as run:
         mlflow.log_params(flatten({"seed": params.seed, "train": train_params.model_dump(mode="json")}))
         init_record = init.record()
@@ -143,6 +196,7 @@ def run_train(params: Params, root: Path = Path(".")) -> dict:
             checkpoint_path=root / TRAIN_CHECKPOINT,
             on_epoch_end=log_epoch,
             init=init,
+            dist=dist,
         )
         meta = save_trained_model(
             result,
@@ -156,6 +210,7 @@ def run_train(params: Params, root: Path = Path(".")) -> dict:
                 # resize; inference from raw photos must repeat both steps to match training
                 "prepare_image_size": params.data.image_size,
                 "tuned": tuned or None,
+                "processes": dist.world_size,
             },
         )
         history = pd.DataFrame(result.history)
@@ -198,3 +253,28 @@ def run_train(params: Params, root: Path = Path(".")) -> dict:
         MODEL_DIR,
     )
     return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    """One torchrun rank of the train stage (started by :func:`run_train`)."""
+    import argparse
+    import logging as logging_
+
+    from synermix.cli import setup_logging
+    from synermix.config import load_params
+    from synermix.errors import exit_on_user_error
+
+    parser = argparse.ArgumentParser(prog="python -m synermix.stages.train")
+    parser.add_argument("--root", type=Path, default=Path("."))
+    parser.add_argument("--params", type=Path, required=True)
+    args = parser.parse_args(argv)
+    if "RANK" in os.environ:  # this module is the rank entry point, however torchrun was started
+        os.environ[CHILD_ENV] = "1"
+    setup_logging()
+    if from_env().rank:  # rank 0 speaks for the job
+        logging_.getLogger().setLevel(logging_.WARNING)
+    exit_on_user_error(lambda: run_train(load_params(args.params), args.root, args.params))()
+
+
+if __name__ == "__main__":
+    main()
