@@ -272,8 +272,9 @@ def train_model(
     (the earliest on a tie) are the ones returned, else the last epoch's.
 
     ``dist`` (under torchrun, :mod:`synermix.distributed`): this rank trains on its share of
-    each batch in DistributedDataParallel; only rank 0 writes the checkpoint, and every
-    rank returns the same model. The caller joins the process group first."""
+    each batch in DistributedDataParallel; only rank 0 writes the checkpoint, and rank 0's
+    result is the run's (the others' BatchNorm running statistics may differ by their last
+    step's batch). The caller joins the process group first."""
     seeds = seeds_for(seed, dist.rank)
     train_set, val_set, pre = data.train_set, data.val_set, data.preprocessing
     channels = pre.channels
