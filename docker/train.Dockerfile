@@ -4,6 +4,12 @@
 # `docker run --gpus all` on a host with the NVIDIA container toolkit and a driver 580 or newer.
 #   docker build -f docker/train.Dockerfile -t synermix-train .
 #   docker run --rm -v "$PWD:/workspace" synermix-train
+# Several GPUs of one machine: `dvc repro` with train.launcher torchrun, train.nproc_per_node N.
+# Two nodes (the same command on each, NODE_RANK 0 and 1; the checkout on shared storage):
+#   docker run --rm --gpus all --network host --ipc host -e NODE_RANK -e MLFLOW_TRACKING_URI \
+#     -v /shared/synermix:/workspace synermix-train \
+#     torchrun --nnodes 2 --node_rank "$NODE_RANK" --nproc_per_node 8 --rdzv_backend c10d \
+#       --rdzv_endpoint 10.0.0.1:29500 --rdzv_id synermix-train -m synermix.stages.train --params params.yaml
 FROM python:3.11-slim-bookworm
 
 RUN apt-get update \

@@ -481,3 +481,23 @@ def test_compose_runs_mlflow_with_auth_and_the_release_roles():
     assert "database_uri = sqlite:////var/lib/mlflow-auth/" in ini
     assert any(v.endswith(":/var/lib/mlflow-auth") for v in mlflow["volumes"])
     assert "admin_password" not in ini.replace("# ", "")
+
+
+def test_training_image_shows_a_two_node_torchrun_line_that_parses():
+    """The training image's header shows the multi-node command (issue 21): a torchrun line
+    for two nodes whose rank entry point exists and takes the flags it is given."""
+    header = [
+        line.lstrip("#").strip().rstrip("\\").strip()
+        for line in (DOCKER / "train.Dockerfile").read_text().splitlines()
+        if line.startswith("#")
+    ]
+    start = next(i for i, line in enumerate(header) if line.startswith("torchrun "))
+    words = shlex.split(" ".join(header[start : start + 3]))
+    assert words[words.index("--nnodes") + 1] == "2" and "--rdzv_endpoint" in words
+    module = words[words.index("-m") + 1]
+    assert module == "synermix.stages.train" and importlib.util.find_spec(module) is not None
+    from synermix.stages.train import main
+
+    with pytest.raises(SystemExit) as shown:
+        main([*words[words.index("-m") + 2 :], "--help"])
+    assert shown.value.code == 0

@@ -353,8 +353,10 @@ def _write_params_file(root: Path, params: Params) -> Path:
     return path
 
 
-def _tune_process(root: Path, *extra: str) -> subprocess.Popen:
+def _tune_process(root: Path, *extra: str, gpu: str | None = None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if gpu is not None:  # one worker per GPU, as docs/tuning.md shows (a CPU host ignores it)
+        env["CUDA_VISIBLE_DEVICES"] = gpu
     return subprocess.Popen(
         [sys.executable, "-m", "synermix.cli", "tune", *extra],
         cwd=root,
@@ -421,9 +423,9 @@ def test_two_workers_share_one_study_on_postgresql(project, postgres_url):
     params = tune_params(photos, n_trials=8, epochs=3, storage=postgres_url, pruner={"kind": "none"})
     _write_params_file(root, params)
     # the helper starts first and waits for the study, so both are up when trials begin
-    helper = _tune_process(root, "--worker", "--wait", "120")
+    helper = _tune_process(root, "--worker", "--wait", "120", gpu="1")
     time.sleep(2)
-    main = _tune_process(root)
+    main = _tune_process(root, gpu="0")
     main_err = main.communicate(timeout=420)[1]
     helper_err = helper.communicate(timeout=120)[1]
     assert main.returncode == 0, main_err[-3000:]
@@ -475,3 +477,39 @@ def test_tune_seed_reruns_the_search_on_the_same_splits(project, monkeypatch):
     # two trials, the re-run of the best, then params.yaml's values on the same two seeds
     assert seeds == [7, 7, *rerun_seeds(7, 1), 7, *rerun_seeds(7, 1)]
     assert yaml.safe_load((root / BEST_PARAMS).read_text())["seeds"] == [7, *rerun_seeds(7, 1)]
+
+
+def test_tune_md_quotes_the_trust_bench_only_for_its_own_settings(project):
+    """reports/tune.md says whether short trials were shown to rank full trainings: the
+    rank correlation of bench/tune_trust.py when it was measured with these settings, else
+    that it was not measured (a bench of another recipe or data is never quoted)."""
+    from synermix.paths import TUNE_TRUST
+    from synermix.stages.tune import _TuneInputs
+
+    root, photos = project
+    params = tune_params(photos, rerun_top_k=0, n_trials=2)
+    metrics = run_tune(params, root)
+    assert metrics["trial_rank_correlation"] is None and metrics["trial_rank_configs"] == 0
+    report = (root / TUNE_REPORT).read_text()
+    assert "Not measured for these settings (trials of 3 epochs on 36 images" in report
+
+    settings = _TuneInputs.read(params, root).trust_settings(params)
+    bench = {"report": {"settings": {**settings, "seed": 99}, "rows": [{}] * 8, "trial_best_full_rank": 2}}
+    bench["report"]["spearman"] = {"rho": 0.8333, "p": 0.0102}
+    (root / TUNE_TRUST).parent.mkdir(parents=True, exist_ok=True)
+    (root / TUNE_TRUST).write_text(json.dumps(bench))
+    metrics = run_tune(params, root)  # the study is complete: only the outputs are written again
+    assert metrics["trial_rank_correlation"] == 0.8333 and metrics["trial_rank_configs"] == 8
+    assert json.loads((root / TUNE_METRICS).read_text())["trial_rank_correlation"] == 0.8333
+    report = (root / TUNE_REPORT).read_text()
+    assert "Spearman rho **+0.833** (p 0.0102)" in report and "over 8 configurations" in report
+    assert "ranked 2 of 8 in full training. At 0.7 or more, the trials rank" in report
+
+    # measured with another full-training recipe (or epochs, data, objective): not quoted
+    for key, value in (("full_recipe", "0" * 16), ("train_epochs", 99), ("manifest_sha256", "x")):
+        bench["report"]["settings"] = {**settings, key: value}
+        (root / TUNE_TRUST).write_text(json.dumps(bench))
+        assert run_tune(params, root)["trial_rank_correlation"] is None, key
+    # a damaged file is not measured either
+    (root / TUNE_TRUST).write_text("{not json")
+    assert run_tune(params, root)["trial_rank_correlation"] is None
