@@ -47,6 +47,7 @@ import yaml
 from synermix.cli import setup_logging
 from synermix.config import Params, SearchSpace, TrainParams, load_params, parse_params
 from synermix.errors import UserError, exit_on_user_error
+from synermix.tuning import TRIAL_FIXED
 
 log = logging.getLogger("tune_trust")
 
@@ -140,7 +141,8 @@ class RunCache:
 
 def run_key(kind: str, params: TrainParams, seed: int, data_key: str) -> str:
     """A run's cache key: everything that decides its result."""
-    ignored = ("num_workers", "cache_images")  # these do not change what a run computes
+    # these do not change what a run computes; every bench run is one process (TRIAL_FIXED)
+    ignored = ("num_workers", "cache_images", *TRIAL_FIXED)
     settings = {k: v for k, v in params.model_dump(mode="json").items() if k not in ignored}
     text = json.dumps({"kind": kind, "seed": seed, "data": data_key, "train": settings}, sort_keys=True)
     return f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
@@ -253,7 +255,14 @@ def run_bench(
     from synermix.paths import PREPARED_DIR, QUARANTINE_CSV
     from synermix.stages.common import train_val_rows
     from synermix.training import TrainingData, load_training_data, train_model
-    from synermix.tuning import cap_train_rows, objective_value, rerun_seeds, trial_base, with_values
+    from synermix.tuning import (
+        cap_train_rows,
+        objective_value,
+        recipe_digest,
+        rerun_seeds,
+        trial_base,
+        with_values,
+    )
 
     for needed in (PREPARED_DIR, QUARANTINE_CSV):
         if not (root / needed).exists():
@@ -292,6 +301,9 @@ def run_bench(
         "val_images": len(val_rows),
         "max_per_class_full": max_per_class_full,
         "manifest_sha256": manifest_sha,
+        # what the tune stage compares before quoting these figures in reports/tune.md
+        "trial_recipe": recipe_digest(base_trial, tune.space),
+        "full_recipe": recipe_digest(base_full, tune.space),
     }
     log.info(
         "%d configs x (trial: %d epochs on %d images; full: %d epochs on %d images), val %d images, "

@@ -131,8 +131,9 @@ STAGE_TEXT = {
     ),
     "tune": (
         "run the tune stage (Optuna search of beta), or join it as a worker",
-        "data/prepared, data/validated/quarantine.csv; params seed, data.classes, tune.*, train.* "
-        "(train.epochs excepted: trials run tune.epochs); the study database (tune.storage)",
+        "data/prepared, data/validated/quarantine.csv, reports/bench/tune_trust.json (quoted when "
+        "measured with these settings); params seed, data.classes, tune.*, train.* (train.epochs "
+        "excepted: trials run tune.epochs); the study database (tune.storage)",
     ),
     "train": (
         "run the train stage (SynerMix training, logged to MLflow)",

@@ -34,6 +34,8 @@ TUNE_TRIALS_DIR = TUNE_STATE_DIR / "trials"  # per-study trial checkpoints
 BEST_PARAMS = Path("tuning/best_params.yaml")
 TUNE_METRICS = Path("reports/tune.json")
 TUNE_REPORT = Path("reports/tune.md")
+#: bench/tune_trust.py's results: tune.md quotes its rank correlation when the settings match
+TUNE_TRUST = Path("reports/bench/tune_trust.json")
 TUNE_PLOTS_DIR = Path("reports/tune")
 TUNE_TABLES = {
     "trials": TUNE_PLOTS_DIR / "trials.csv",
@@ -131,8 +133,18 @@ STAGE_OUTPUTS: dict[str, tuple[Path, ...]] = {
     "export": (EXPORT_DIR, EXPORT_METRICS),
     "register": (REGISTER_REPORT,),
 }
-#: paths here that no stage declares: the project's own files and what the service writes
-NOT_STAGE_OUTPUTS = (PARAMS_FILE, DVC_YAML, DVC_LOCK, MLFLOW_DB, SHADOW_LOG, SERVE_RECORDS, MONITOR_DIR)
+#: paths here that no stage declares: the project's own files, what the service writes and
+#: what bench/ scripts write
+NOT_STAGE_OUTPUTS = (
+    PARAMS_FILE,
+    DVC_YAML,
+    DVC_LOCK,
+    MLFLOW_DB,
+    SHADOW_LOG,
+    SERVE_RECORDS,
+    MONITOR_DIR,
+    TUNE_TRUST,
+)
 
 
 def variant_model(name: str) -> Path:

@@ -7,6 +7,7 @@ the numbers behind ``reports/tune.json``.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -269,6 +270,58 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def trust_figures(path: Path, expected: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``bench/tune_trust.py``'s rank correlation between the trial objective and full
+    training's (``path``: its JSON), when it was measured with every setting in ``expected``
+    (trial and full-training recipes, epochs, images, objective, data); else None."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    report = data.get("report") if isinstance(data, dict) else None
+    if not isinstance(report, dict) or not isinstance(report.get("settings"), dict):
+        return None
+    if any(report["settings"].get(key) != value for key, value in expected.items()):
+        return None
+    spearman = report.get("spearman") or {}
+    return {
+        "rho": spearman.get("rho"),
+        "p": spearman.get("p"),
+        "configs": len(report.get("rows") or []),
+        "trial_best_full_rank": report.get("trial_best_full_rank"),
+    }
+
+
+def _trust_section(trust: Mapping[str, Any] | None, expected: Mapping[str, Any] | None) -> list[str]:
+    title = ["## Do the short trials rank full trainings?", ""]
+    if trust is None or trust.get("rho") is None:
+        settings = (
+            f"trials of {expected['tune_epochs']} epochs on {expected['trial_images']} images, full "
+            f"training of {expected['train_epochs']} epochs"
+            if expected
+            else "this recipe"
+        )
+        text = (
+            f"Not measured for these settings ({settings}): `python bench/tune_trust.py --configs 8` "
+            "trains 8 configurations both ways and writes the Spearman rank correlation, which this "
+            "report then quotes. Until then, read the trials' ranking as unproven."
+        )
+        return [*title, text]
+    verdict = (
+        "At 0.7 or more, the trials rank configurations as full training does."
+        if trust["rho"] >= 0.7
+        else "Under 0.7, the trials do not rank configurations as full training does: a trial's "
+        "win is not evidence that its full training is better."
+    )
+    text = (
+        f"Measured by `bench/tune_trust.py` for these settings: Spearman rho **{trust['rho']:+.3f}** "
+        f"(p {trust['p']:.3g}) between the trial objective and the full-training objective over "
+        f"{trust['configs']} configurations; the trials' favourite ranked {trust['trial_best_full_rank']} "
+        f"of {trust['configs']} in full training. {verdict}"
+    )
+    return [*title, text]
+
+
 def render_markdown(
     study: str,
     objective: str,
@@ -278,9 +331,12 @@ def render_markdown(
     importances: Mapping[str, float],
     budget_note: str,
     candidates: Sequence[Candidate] = (),
+    trust: Mapping[str, Any] | None = None,
+    trust_settings: Mapping[str, Any] | None = None,
 ) -> str:
     """tune.md. With ``candidates`` (re-runs), the headline is the chosen candidate and
-    its mean over seeds, followed by a section on the seed spread."""
+    its mean over seeds, followed by a section on the seed spread; then whether short trials
+    were shown to rank full trainings (``trust``, from :func:`trust_figures`)."""
     margin = margin_over_baseline(candidates) if candidates else None
     chosen = choose(candidates) if candidates else None
     if chosen is not None and chosen.number == BASELINE:
@@ -335,7 +391,7 @@ def render_markdown(
         lines.append("- Importances (fANOVA): " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()))
     if candidates:
         lines += ["", *_seed_section(candidates, objective)]
-        lines += ["", "## Trials"]
+    lines += ["", *_trust_section(trust, trust_settings), "", "## Trials"]
     lines += ["", "| " + " | ".join(_columns(trials)) + " |", "|" + "---|" * len(_columns(trials))]
     for row in trials[_columns(trials)].itertuples(index=False):
         lines.append("| " + " | ".join(_fmt(v) for v in row) + " |")

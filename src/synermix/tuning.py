@@ -112,6 +112,15 @@ TRIAL_FIXED = {
 }
 
 
+def recipe_digest(train: TrainParams, space: SearchSpace) -> str:
+    """A short hash of what a run computes with, the searched knobs (every configuration
+    sets its own) and the plumbing left out: what ``bench/tune_trust.py`` records with its
+    figures and the tune stage compares before quoting them."""
+    ignored = {*_NOT_RESULT_AFFECTING, *space.searched(), *TRIAL_FIXED}
+    kept = {k: v for k, v in train.model_dump(mode="json").items() if k not in ignored}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def trial_base(train: TrainParams, tune: TuneParams) -> TrainParams:
     """The train params every trial starts from: train.* with the trial's epoch count, in
     one process (:data:`TRIAL_FIXED`)."""

@@ -32,6 +32,7 @@ from synermix.paths import (
     TUNE_STATE_DIR,
     TUNE_TABLES,
     TUNE_TRIALS_DIR,
+    TUNE_TRUST,
 )
 from synermix.stages.common import train_val_rows
 from synermix.tracking import (
@@ -166,6 +167,24 @@ class _TuneInputs:
         )
         return done, complete, tuner
 
+    def trust_settings(self, params: Params) -> dict[str, Any]:
+        """The settings a ``bench/tune_trust.py`` measurement must have been made with for
+        tune.md to quote it (the search's own seed aside: it only draws the configurations)."""
+        tune = params.tune
+        return {
+            "objective": tune.objective,
+            "tune_epochs": tune.epochs,
+            "tune_max_per_class": tune.max_per_class,
+            "train_epochs": params.train.epochs,
+            "trial_images": len(self.trial_rows),
+            "full_images": len(self.train_rows),
+            "val_images": len(self.val_rows),
+            "max_per_class_full": None,
+            "manifest_sha256": self.manifest_sha,
+            "trial_recipe": tuning.recipe_digest(self.base, tune.space),
+            "full_recipe": tuning.recipe_digest(params.train, tune.space),
+        }
+
     def log_study(self, params: Params) -> None:
         tune = params.tune
         log.info(
@@ -226,7 +245,15 @@ def run_tune(params: Params, root: Path = Path(".")) -> dict:
         if not state.waiting and not state.running:  # no retry left to resume from a checkpoint
             shutil.rmtree(root / TUNE_TRIALS_DIR / name, ignore_errors=True)
         return _write_tune_outputs(
-            params, root, study, client, parent, inputs.budget_note, len(inputs.trial_rows), candidates
+            params,
+            root,
+            study,
+            client,
+            parent,
+            inputs.budget_note,
+            len(inputs.trial_rows),
+            candidates,
+            inputs.trust_settings(params),
         )
 
 
@@ -300,6 +327,7 @@ def _write_tune_outputs(
     budget_note: str,
     trial_images: int,
     candidates=(),
+    trust_settings: dict[str, Any] | None = None,
 ) -> dict:
     """best_params.yaml, the tables, tune.md and tune.json; the same and the plots to MLflow.
 
@@ -329,6 +357,9 @@ def _write_tune_outputs(
     chosen = best
     best_content = {"tuned": True, "study": name, "best_trial": best.number, "params": dict(best.params)}
     metrics["trial_images"] = trial_images
+    trust = tune_report.trust_figures(root / TUNE_TRUST, trust_settings) if trust_settings else None
+    metrics["trial_rank_correlation"] = None if trust is None else trust["rho"]
+    metrics["trial_rank_configs"] = 0 if trust is None else trust["configs"]
     if candidates:
         pick = tuning.choose(candidates)
         chosen = pick.trial
@@ -358,7 +389,16 @@ def _write_tune_outputs(
     (root / BEST_PARAMS).write_text(_BEST_HEADER + yaml.safe_dump(best_content, sort_keys=False))
     (root / TUNE_METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
     report = tune_report.render_markdown(
-        name, tune.objective, metrics, best.params, table, importances, budget_note, candidates
+        name,
+        tune.objective,
+        metrics,
+        best.params,
+        table,
+        importances,
+        budget_note,
+        candidates,
+        trust,
+        trust_settings,
     )
     (root / TUNE_REPORT).write_text(report)
 
