@@ -253,6 +253,17 @@ def test_dvc_repro_on_real_elpv_subset(project):
     set_params(repo, train__epochs=1)
     assert ran(run([str(DVC), "repro"], repo, env).stdout) == {"train", "evaluate", "export", "register"}
 
+    # two training processes under torchrun (gloo on this CPU): train and what follows rerun,
+    # tuning does not (its trials run in one process whatever the launcher)
+    set_params(repo, train__launcher="torchrun", train__nproc_per_node=2)
+    distributed = run([str(DVC), "repro"], repo, env)
+    assert ran(distributed.stdout) == {"train", "evaluate", "export", "register"}
+    assert "torchrun with 2 processes" in distributed.stdout + distributed.stderr
+    assert json.loads((repo / "models/model/model.json").read_text())["processes"] == 2
+    assert json.loads((repo / "reports/export.json").read_text())["parity"]["passed"]
+    set_params(repo, train__launcher="single")
+    assert ran(run([str(DVC), "repro"], repo, env).stdout) == {"train", "evaluate", "export", "register"}
+
     # a larger trial budget continues the same study by one trial
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "tuned"], repo, env)
