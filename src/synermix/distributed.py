@@ -180,10 +180,6 @@ def launch(nproc: int, module: str, args: list[str], what: str) -> None:
         )
 
 
-def checkpoint_world_size(checkpoint: dict[str, Any] | None) -> int:
-    return int((checkpoint or {}).get("world_size", 1))
-
-
 def refuse_other_world_size(checkpoint_path: Path, written: int, now: int) -> None:
     raise UserError(
         f"checkpoint {checkpoint_path} was written by {written} process(es), this run has {now}: "

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -16,8 +18,9 @@ from pydantic import ValidationError
 from synermix.config import BASELINE_TRIAL, TUNABLE_TRAIN_KEYS, Params, TrainParams
 from synermix.curves import write_training_curves
 from synermix.data.datasets import infer_channels
-from synermix.distributed import CHILD_ENV, SINGLE, from_env, launch, setup, teardown, under_torchrun
+from synermix.distributed import CHILD_ENV, SINGLE, Dist, from_env, launch, setup, teardown, under_torchrun
 from synermix.errors import UserError
+from synermix.init_weights import InitWeights
 from synermix.paths import (
     BEST_PARAMS,
     MANIFEST,
@@ -38,7 +41,13 @@ from synermix.tracking import (
     mlflow_run,
     tracking_uri,
 )
-from synermix.training import check_training_inputs, load_training_data, save_trained_model, train_model
+from synermix.training import (
+    TrainingResult,
+    check_training_inputs,
+    load_training_data,
+    save_trained_model,
+    train_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,37 +139,56 @@ def run_train(params: Params, root: Path = Path("."), params_file: Path | None =
     # bad class weights, an input size the backbone cannot take, or starting weights that
     # do not load stop here, before a run, a checkpoint or a model file is written
     init = check_training_inputs(train_params, names, channels, tracking_uri(params.mlflow))
-    if dist.active:
-        setup(dist, "cuda" if cuda else "cpu")
-        try:
-            if not dist.is_main:  # trains its share; rank 0 logs and writes everything
-                data = load_training_data(train_rows, val_rows, root / PREPARED_DIR, names, train_params)
-                train_model(
-                    data,
-                    names,
-                    train_params,
-                    params.seed,
-                    checkpoint_path=root / TRAIN_CHECKPOINT,
-                    init=init,
-                    dist=dist,
-                )
-                return {}
-            return _train_and_write(
-                params, root, names, train_rows, val_rows, manifest_sha, train_params, tuned, init, dist
-            )
-        finally:
-            teardown()
-    return _train_and_write(
-        params, root, names, train_rows, val_rows, manifest_sha, train_params, tuned, init, dist
-    )
+    job = _Job(params, root, names, train_rows, val_rows, manifest_sha, train_params, tuned, init, dist)
+    if not dist.active:
+        return _train_and_write(job)
+    setup(dist, "cuda" if cuda else "cpu")
+    try:
+        if dist.is_main:  # rank 0 logs and writes everything
+            return _train_and_write(job)
+        job.train()  # the other ranks train their share of every batch
+        return {}
+    finally:
+        teardown()
 
 
-def _train_and_write(
-    params, root, names, train_rows, val_rows, manifest_sha, train_params, tuned, init, dist
-):
+@dataclass(frozen=True)
+class _Job:
+    """One training of the train stage: its inputs, the same on every rank."""
+
+    params: Params
+    root: Path
+    names: list[str]
+    train_rows: pd.DataFrame
+    val_rows: pd.DataFrame
+    manifest_sha: str
+    train_params: TrainParams
+    tuned: dict
+    init: InitWeights
+    dist: Dist
+
+    def train(self, on_epoch_end: Callable[[dict], None] | None = None) -> TrainingResult:
+        data = load_training_data(
+            self.train_rows, self.val_rows, self.root / PREPARED_DIR, self.names, self.train_params
+        )
+        return train_model(
+            data,
+            self.names,
+            self.train_params,
+            self.params.seed,
+            checkpoint_path=self.root / TRAIN_CHECKPOINT,
+            on_epoch_end=on_epoch_end,
+            init=self.init,
+            dist=self.dist,
+        )
+
+
+def _train_and_write(job: _Job) -> dict:
+    params, root, names, train_params, tuned = job.params, job.root, job.names, job.train_params, job.tuned
+    train_rows, val_rows, manifest_sha = job.train_rows, job.val_rows, job.manifest_sha
     with mlflow_run(params, "train", root, {"manifest_sha256": manifest_sha}) as run:
         mlflow.log_params(flatten({"seed": params.seed, "train": train_params.model_dump(mode="json")}))
-        init_record = init.record()
+        init_record = job.init.record()
         mlflow.log_params({"init.kind": init_record["kind"], "init.source": init_record["source"]})
         mlflow.set_tag("init_spec", init_record["spec"])
         if init_record["sha256"]:
@@ -187,17 +215,7 @@ def _train_and_write(
         def log_epoch(row: dict) -> None:
             mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
 
-        data = load_training_data(train_rows, val_rows, root / PREPARED_DIR, names, train_params)
-        result = train_model(
-            data,
-            names,
-            train_params,
-            params.seed,
-            checkpoint_path=root / TRAIN_CHECKPOINT,
-            on_epoch_end=log_epoch,
-            init=init,
-            dist=dist,
-        )
+        result = job.train(on_epoch_end=log_epoch)
         meta = save_trained_model(
             result,
             train_params,
@@ -210,7 +228,7 @@ def _train_and_write(
                 # resize; inference from raw photos must repeat both steps to match training
                 "prepare_image_size": params.data.image_size,
                 "tuned": tuned or None,
-                "processes": dist.world_size,
+                "processes": job.dist.world_size,
             },
         )
         history = pd.DataFrame(result.history)
