@@ -7,7 +7,9 @@ test split. One JSON line per recipe goes to ``--out`` (default
 reports/bench/recipes.jsonl); a recipe already there with the same settings is not run
 again, so a killed study resumes. Run after ``dvc repro prepare validate``::
 
-    python bench/recipe_study.py --recipe r18w32_128_bal --recipe default
+    python bench/recipe_study.py --recipe mv2_f1_160_e10 --seed 2     # a named recipe, another seed
+    python bench/recipe_study.py --name default                       # params.yaml's train section
+    python bench/recipe_study.py --name ls01 --set label_smoothing=0.1  # an ad-hoc recipe on it
     python bench/recipe_study.py --list
 
 ``escape_defective``: share of ``defective`` test images called ``functional`` (the rate
@@ -202,6 +204,23 @@ RECIPES: dict[str, dict] = {
         "balance_power": 0.5,
         "augment": {"crop_scale": 1.0, "brightness": 0.0, "contrast": 0.0},
     },
+    # ImageNet MobileNetV2 (2026-12-07), over the params.yaml of that day
+    "mv2_in_128_e8": {
+        "arch": "mobilenet_v2",
+        "init": "imagenet",
+        "freeze_stages": 0,
+        "image_size": 128,
+        "epochs": 8,
+    },
+    "mv2_f1_128_e10": {"arch": "mobilenet_v2", "init": "imagenet", "freeze_stages": 1, "image_size": 128},
+    "mv2_f1_160_e10": {"arch": "mobilenet_v2", "init": "imagenet", "freeze_stages": 1, "image_size": 160},
+    "mv2_f1_160_e10_bal1": {
+        "arch": "mobilenet_v2",
+        "init": "imagenet",
+        "freeze_stages": 1,
+        "image_size": 160,
+        "balance_power": 1.0,
+    },
 }
 
 
@@ -227,23 +246,45 @@ def rates(confusion: list[list[int]], names: list[str]) -> dict[str, float]:
 
 
 def markdown_table(records: list[dict]) -> str:
-    """One row per measured recipe: settings, wall time, val (kept epoch) and test figures."""
+    """One row per measured run (settings, seed, wall time, val at the kept epoch, test), then
+    mean ± std over seeds for every recipe measured with more than one seed."""
     head = (
-        "| recipe | settings (train.* over params.yaml) | threads | wall s | kept epoch | val acc | "
+        "| recipe | settings (train.* over params.yaml) | seed | threads | wall s | kept epoch | val acc | "
         "val macro recall | test acc | test macro recall | defective→functional | overkill |\n"
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     rows = []
     for r in records:
         settings = ", ".join(f"{k}={v}" for k, v in r["overrides"].items())
         rows.append(
-            f"| {r['recipe']} | {settings} | {r['threads']} | {r['seconds']:.0f} | "
+            f"| {r['recipe']} | {settings} | {r['seed']} | {r['threads']} | {r['seconds']:.0f} | "
             f"{r['selected_epoch']}/{r['epochs']} | {r['val_accuracy']:.4f} | {r['val_macro_recall']:.4f} | "
             f"{r['test_accuracy']:.4f} | {r['test_macro_recall']:.4f} | "
             f"{r.get('test_escape_defective', float('nan')):.4f} | "
             f"{r.get('test_overkill', float('nan')):.4f} |"
         )
-    return "\n".join([head, *rows])
+    out = [head, *rows]
+    by_recipe: dict[str, list[dict]] = {}
+    for r in records:
+        by_recipe.setdefault(r["recipe"], []).append(r)
+    repeated = {name: runs for name, runs in by_recipe.items() if len({r["seed"] for r in runs}) > 1}
+    if repeated:
+        columns = ("val_macro_recall", "test_accuracy", "test_macro_recall", "test_escape_defective")
+        out += [
+            "",
+            "| recipe | seeds | val macro recall | test acc | test macro recall | defective→functional |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for name, runs in repeated.items():
+            cells = []
+            for column in columns:
+                values = [r[column] for r in runs if column in r]
+                mean = sum(values) / len(values)
+                std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+                cells.append(f"{mean:.4f} ± {std:.4f}")
+            seeds = ", ".join(str(r["seed"]) for r in runs)
+            out.append(f"| {name} | {seeds} | {' | '.join(cells)} |")
+    return "\n".join(out)
 
 
 def main() -> int:
@@ -272,6 +313,12 @@ def main() -> int:
     for item in args.set:
         key, _, value = item.partition("=")
         extra[key.removeprefix("train.")] = yaml.safe_load(value)
+    unknown = [name for name in args.recipe if name not in RECIPES]
+    if unknown:
+        parser.error(
+            f"unknown recipe {', '.join(unknown)} (--list shows them); an ad-hoc one is "
+            "--name NAME with --set train.KEY=VALUE on params.yaml's train section"
+        )
     todo = [(name, RECIPES[name]) for name in args.recipe]
     if args.name:
         todo.append((args.name, {}))
