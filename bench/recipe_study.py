@@ -279,6 +279,9 @@ def markdown_table(records: list[dict]) -> str:
             cells = []
             for column in columns:
                 values = [r[column] for r in runs if column in r]
+                if len(values) < 2:  # older records lack some columns
+                    cells.append("n/a")
+                    continue
                 mean = sum(values) / len(values)
                 std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
                 cells.append(f"{mean:.4f} ± {std:.4f}")
