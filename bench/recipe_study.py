@@ -24,6 +24,7 @@ import argparse
 import hashlib
 import json
 import logging
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -43,6 +44,9 @@ from synermix.stages.common import train_val_rows  # noqa: E402
 from synermix.training import load_training_data, train_model  # noqa: E402
 
 log = logging.getLogger("recipe_study")
+
+#: the ImageNet MobileNetV2 recipes' common settings
+_MV2 = {"arch": "mobilenet_v2", "init": "imagenet"}
 
 #: train.* overrides per recipe (on top of params.yaml's train section)
 RECIPES: dict[str, dict] = {
@@ -205,22 +209,10 @@ RECIPES: dict[str, dict] = {
         "augment": {"crop_scale": 1.0, "brightness": 0.0, "contrast": 0.0},
     },
     # ImageNet MobileNetV2 (2026-12-07), over the params.yaml of that day
-    "mv2_in_128_e8": {
-        "arch": "mobilenet_v2",
-        "init": "imagenet",
-        "freeze_stages": 0,
-        "image_size": 128,
-        "epochs": 8,
-    },
-    "mv2_f1_128_e10": {"arch": "mobilenet_v2", "init": "imagenet", "freeze_stages": 1, "image_size": 128},
-    "mv2_f1_160_e10": {"arch": "mobilenet_v2", "init": "imagenet", "freeze_stages": 1, "image_size": 160},
-    "mv2_f1_160_e10_bal1": {
-        "arch": "mobilenet_v2",
-        "init": "imagenet",
-        "freeze_stages": 1,
-        "image_size": 160,
-        "balance_power": 1.0,
-    },
+    "mv2_in_128_e8": {**_MV2, "freeze_stages": 0, "image_size": 128, "epochs": 8},
+    "mv2_f1_128_e10": {**_MV2, "freeze_stages": 1, "image_size": 128},
+    "mv2_f1_160_e10": {**_MV2, "freeze_stages": 1, "image_size": 160},
+    "mv2_f1_160_e10_bal1": {**_MV2, "freeze_stages": 1, "image_size": 160, "balance_power": 1.0},
 }
 
 
@@ -282,9 +274,7 @@ def markdown_table(records: list[dict]) -> str:
                 if len(values) < 2:  # older records lack some columns
                     cells.append("n/a")
                     continue
-                mean = sum(values) / len(values)
-                std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-                cells.append(f"{mean:.4f} ± {std:.4f}")
+                cells.append(f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}")
             seeds = ", ".join(str(r["seed"]) for r in runs)
             out.append(f"| {name} | {seeds} | {' | '.join(cells)} |")
     return "\n".join(out)
